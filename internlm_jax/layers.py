@@ -1,0 +1,65 @@
+"""Elementwise building blocks: RMSNorm, rotary embeddings (with dynamic NTK and linear scaling), SwiGLU.
+
+Shapes: B batch, T tokens, H heads, D head_dim, E embed, F mlp.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from internlm_jax.config import ModelConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm in float32, result in x's dtype (as the HF InternLM2 module does)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+def rope_base(config: ModelConfig, seq_len: jax.Array | int) -> jax.Array:
+  """Rotary base for a sequence of `seq_len` positions: dynamic NTK grows it past max_position_embeddings.
+
+  base' = base * (factor * T / max_pos - (factor - 1)) ** (d / (d - 2)) when T > max_pos, else base.
+  `seq_len` may be an array (one length per batch row); the result has its shape.
+  """
+  base = jnp.asarray(config.rope_theta, jnp.float32)
+  seq_len = jnp.asarray(seq_len, jnp.float32)
+  if config.rope_scaling_type != "dynamic":
+    return jnp.broadcast_to(base, seq_len.shape)
+  d = config.head_dim
+  factor, max_pos = config.rope_scaling_factor, config.max_position_embeddings
+  grown = base * (factor * seq_len / max_pos - (factor - 1.0)) ** (d / (d - 2.0))
+  return jnp.where(seq_len > max_pos, grown, base)
+
+
+def rope_angles(config: ModelConfig, positions: jax.Array, seq_len: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [B, T, D/2] in float32 for int positions [B, T]; `seq_len` scalar or [B] sets the NTK base."""
+  d = config.head_dim
+  base = jnp.broadcast_to(rope_base(config, seq_len), positions.shape[:1])  # [B]
+  exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d  # [D/2]
+  inv_freq = 1.0 / (base[:, None] ** exponents[None, :])  # [B, D/2]
+  t = positions.astype(jnp.float32)
+  if config.rope_scaling_type == "linear":
+    t = t / config.rope_scaling_factor
+  angles = t[:, :, None] * inv_freq[:, None, :]  # [B, T, D/2]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE on x [B, T, ..., D] with cos/sin [B, T, D/2]; computed in float32, returned in x.dtype."""
+  extra = x.ndim - 3
+  cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[-1:])
+  sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[-1:])
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
+  """w2(silu(w1 x) * w3 x) for x [B, T, E], w1/w3 [E, F], w2 [F, E]."""
+  gate = jnp.einsum("bte,ef->btf", x, w1)
+  up = jnp.einsum("bte,ef->btf", x, w3)
+  hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+  return jnp.einsum("btf,fe->bte", hidden, w2)

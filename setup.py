@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="internlm_jax",
+    version="0.1.0",
+    description="InternLM2 in JAX: model, sharding, data, training, fine-tuning, serving, evaluation, agents.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["internlm_jax", "internlm_jax.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.14",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.14",
+        "grain>=0.2.18,<0.3",
+        "chex>=0.1.90",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "sentencepiece>=0.2.0",
+        "safetensors>=0.4",
+        "ml_dtypes>=0.5",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            # The independent reference for parity tests; 2.13.0 is the CPU build this machine installs offline.
+            "torch==2.13.0",
+            "transformers>=4.45",
+        ],
+    },
+)
