@@ -20,6 +20,11 @@ setup(
         "ml_dtypes>=0.5",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        # tfds / ArrayRecord datasets are read without TensorFlow.
+        "tensorflow-datasets>=4.9.6",
+        "importlib_resources>=6",
     ],
     extras_require={
         "test": [

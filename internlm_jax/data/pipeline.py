@@ -1,0 +1,82 @@
+"""The pretraining input pipeline: source -> host shard -> shuffle/repeat -> tokenize -> pack -> batch (grain).
+
+    ds = make_pretrain_dataset(source, tokenizer, seq_len=512, batch_size=8, seed=0)
+    it = iter(ds)
+    batch = next(it)          # dict of int32 [8, 512]: tokens, targets, segment_ids, positions, loss_mask
+    state = it.get_state()    # JSON-able; save it with the checkpoint
+    it.set_state(state)       # later: yields exactly the batches the uninterrupted iterator would
+
+Determinism: the document order depends only on (source, seed, shard_index, shard_count); each epoch is
+reshuffled with seed + epoch (grain's `shuffle` then `repeat`). Documents are sharded by host before
+shuffling, round-robin (`[shard_index::shard_count]`), so hosts read disjoint documents that together cover the
+corpus; `batch_size` is the number of rows per host.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from internlm_jax.data.packing import PackIterDataset, pad_batch
+from internlm_jax.data.sources import DataError
+
+
+def host_shard(shard_index: int | None = None, shard_count: int | None = None) -> tuple[int, int]:
+  """(index, count) of this host's data shard: the arguments if given, else JAX's process index and count."""
+  if shard_index is None and shard_count is None:
+    import jax  # noqa: PLC0415  (only needed when the caller leaves sharding to the JAX runtime)
+    return jax.process_index(), jax.process_count()
+  if shard_index is None or shard_count is None:
+    raise DataError("pass both shard_index and shard_count, or neither (to use jax.process_index/count)")
+  if not 0 <= shard_index < shard_count:
+    raise DataError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")
+  return int(shard_index), int(shard_count)
+
+
+def _tokenize(text: str, tokenizer) -> np.ndarray:
+  return np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True), np.int32)
+
+
+def _not_blank(text: str) -> bool:
+  return bool(text.strip())
+
+
+def make_pretrain_dataset(source: Sequence[str], tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
+                          shuffle: bool = True, num_epochs: int | None = None, shard_index: int | None = None,
+                          shard_count: int | None = None, drop_remainder: bool = False,
+                          num_threads: int = 1, prefetch_buffer_size: int = 64) -> grain.IterDataset:
+  """Batches of packed rows (see `packing`) from a random-access source of text documents.
+
+  Args:
+    source: a sources.* object (or any sequence of strings).
+    tokenizer: the project's `Tokenizer`; each document gets one BOS and one EOS; padding uses `pad_id`.
+    seq_len, batch_size: row length and rows per batch on this host.
+    seed: shuffle seed (with `shuffle`); num_epochs: None repeats forever.
+    shard_index, shard_count: this host's shard; default `jax.process_index()` / `jax.process_count()`.
+    drop_remainder: drop a short final batch instead of padding it with empty rows (finite epochs only).
+    num_threads, prefetch_buffer_size: grain read options for the tokenizing stage (0 threads = inline).
+  """
+  if seq_len < 2 or batch_size < 1:
+    raise DataError(f"seq_len must be >= 2 and batch_size >= 1, got seq_len={seq_len}, batch_size={batch_size}")
+  if num_epochs is not None and num_epochs < 1:
+    raise DataError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+  if not 0 <= seed < 2**32:
+    raise DataError(f"seed must be in [0, 2**32), got {seed}")
+  index, count = host_shard(shard_index, shard_count)
+  total = len(source)
+  ds = grain.MapDataset.source(source)[index::count]
+  if len(ds) == 0:
+    raise DataError(f"data shard {index} of {count} is empty: the corpus has only {total} documents")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds.filter(_not_blank).map(functools.partial(_tokenize, tokenizer=tokenizer))
+  read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+  packed = PackIterDataset(ds.to_iter_dataset(read_options), seq_len=seq_len, pad_id=tokenizer.pad_id)
+  batched = packed.batch(batch_size, drop_remainder=drop_remainder)
+  if not drop_remainder:
+    batched = batched.map(functools.partial(pad_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))
+  return batched
