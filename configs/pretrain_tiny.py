@@ -1,0 +1,47 @@
+"""Pretrain the `small` preset (about 5M parameters) on the built-in Shakespeare corpus; a few minutes on CPU."""
+from ml_collections import config_dict
+
+
+def get_config():
+  c = config_dict.ConfigDict()
+  c.steps = 240
+  c.batch_size = 16           # global rows per step (split over the data and fsdp mesh axes, then grad_accum)
+  c.seq_len = 256
+  c.grad_accum = 1
+  c.seed = 0
+  c.log_every = 10
+  c.eval_every = 80
+  c.eval_batches = 8
+  c.checkpoint_every = 80
+  c.keep_checkpoints = 2
+  c.async_checkpoint = True
+  c.halt_after_nonfinite = 3  # consecutive skipped updates before the run stops with an error
+  c.peak_flops = 0.0          # FLOP/s per device for MFU; 0 = datasheet for known accelerators, else measured
+  c.progress = True
+
+  c.mesh = config_dict.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+
+  c.model = config_dict.ConfigDict()
+  c.model.preset = "small"
+  c.model.dtype = "float32"
+  c.model.remat_policy = "none"
+  c.model.scan_layers = True
+  c.model.attention_impl = "xla"
+  c.model.overrides = config_dict.ConfigDict()  # any other ModelConfig field, e.g. --config.model.overrides.num_layers=2
+
+  c.optimizer = config_dict.ConfigDict(dict(learning_rate=3e-3, min_lr_ratio=0.1, warmup_steps=20, b1=0.9, b2=0.95,
+                                            eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+
+  c.data = config_dict.ConfigDict()
+  c.data.corpus = "shakespeare"  # or "files": read data.train_paths / data.val_paths
+  c.data.train_paths = ""        # comma-separated files/folders, jsonl or array_record; "tfds:DIR" for tfds
+  c.data.val_paths = ""
+  c.data.format = "auto"
+  c.data.field = "text"
+  c.data.tokenizer = ""          # a sentencepiece .model; empty = train (and cache) one on the corpus
+  c.data.vocab_size = 4096
+  c.data.host_sharding = "documents"  # "rows": every host reads all data, losses independent of process count
+
+  c.sample_prompt = "ROMEO:\n"
+  c.sample_tokens = 48
+  return c

@@ -1,0 +1,121 @@
+"""Train-step throughput: our jitted step vs the machine's matmul peak and a PyTorch/transformers peer.
+
+  python experiments/bench_train.py --out=/tmp/bench_train.json [--preset=50m --seq_len=512 --batch=4]
+
+Measured in one run on the same machine: (1) the peak float32 matmul rate, (2) our train step (AdamW, float32)
+on the preset, (3) transformers' LlamaForCausalLM with the same shapes and torch AdamW. Prints a ratio table and
+writes {"mfu", "tokens_per_sec", "torch_tokens_per_sec", "speedup_vs_torch", ...}.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+OUT = flags.DEFINE_string("out", None, "JSON results file")
+PRESET = flags.DEFINE_string("preset", "50m", "ModelConfig preset")
+SEQ = flags.DEFINE_integer("seq_len", 512, "sequence length")
+BATCH = flags.DEFINE_integer("batch", 4, "batch size")
+STEPS = flags.DEFINE_integer("steps", 6, "timed steps (after 2 warm-up steps)")
+REMAT = flags.DEFINE_string("remat_policy", "none", "remat policy for our step")
+TORCH = flags.DEFINE_bool("torch", True, "also time the PyTorch peer")
+
+
+def _median_step_time(fn, steps):
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_ours(config, batch, seq, steps):
+  import jax
+  import numpy as np
+  from internlm_jax.train import OptimizerConfig, create_train_state, make_optimizer, make_train_step
+  tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=100))
+  state = create_train_state(config, tx, seed=0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.vocab_size, (batch, seq + 1)).astype(np.int32)
+  data = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
+          "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+          "loss_mask": np.ones((batch, seq), np.int32)}
+  data = jax.tree.map(jax.numpy.asarray, data)
+  step = make_train_step(config, tx)
+  holder = [state]
+
+  def one():
+    holder[0], metrics = step(holder[0], data)
+    metrics["loss"].block_until_ready()
+
+  for _ in range(2):
+    one()
+  return _median_step_time(one, steps)
+
+
+def bench_torch(config, batch, seq, steps):
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+  torch.manual_seed(0)
+  hf = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                   intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+                   num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+                   head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
+                   rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
+  model = LlamaForCausalLM(hf).float().train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+  tokens = torch.randint(0, config.vocab_size, (batch, seq + 1))
+  inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+  def one():
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  for _ in range(2):
+    one()
+  return _median_step_time(one, steps)
+
+
+def main(argv):
+  del argv
+  import jax
+  from internlm_jax.config import get_preset
+  from internlm_jax.train.metrics import measure_matmul_peak
+  config = get_preset(PRESET.value).replace(remat_policy=REMAT.value)
+  batch, seq = BATCH.value, SEQ.value
+  tokens = batch * seq
+  peak = measure_matmul_peak()
+  ours = bench_ours(config, batch, seq, STEPS.value)
+  flops_per_token = config.flops_per_token(seq)
+  result = {"machine": jax.devices()[0].device_kind, "backend": jax.default_backend(), "preset": PRESET.value,
+            "params": config.num_params(), "batch": batch, "seq_len": seq, "peak_flops": peak,
+            "step_seconds": ours, "tokens_per_sec": tokens / ours,
+            "mfu": tokens / ours * flops_per_token / peak}
+  rows = [("peak f32 matmul", f"{peak / 1e9:.0f} GFLOP/s", ""),
+          ("ours", f"{tokens / ours:,.0f} tok/s", f"MFU {result['mfu']:.2f}")]
+  if TORCH.value:
+    theirs = bench_torch(config, batch, seq, STEPS.value)
+    result.update(torch_tokens_per_sec=tokens / theirs, torch_mfu=tokens / theirs * flops_per_token / peak,
+                  speedup_vs_torch=theirs / ours)
+    rows.append(("torch peer", f"{tokens / theirs:,.0f} tok/s", f"MFU {result['torch_mfu']:.2f}"))
+    rows.append(("ours / torch", f"{result['speedup_vs_torch']:.2f}x", ""))
+  print(f"\n{PRESET.value} ({config.num_params() / 1e6:.0f}M params), batch {batch} x seq {seq}, "
+        f"{jax.devices()[0].device_kind}")
+  for name, value, extra in rows:
+    print(f"  {name:<16} {value:>18} {extra}")
+  if OUT.value:
+    with open(OUT.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

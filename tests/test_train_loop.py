@@ -1,0 +1,144 @@
+"""The training script end to end: metrics, resume after kill -9 to identical bits, bad configs, multi-process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "experiments", "train.py")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A small text corpus and a tokenizer trained on it (no network, a few seconds)."""
+  from internlm_jax.tokenizer import train_tokenizer
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  words = ("the king queen lord lady sword crown night day love death honour speak hear fair foul "
+           "good ill come go stay fly heaven earth").split()
+  for split, n_docs in (("train", 60), ("val", 8)):
+    os.makedirs(root / split)
+    for d in range(n_docs):
+      text = " ".join(rng.choice(words, size=int(rng.integers(20, 120))))
+      (root / split / f"doc{d}.txt").write_text(text + ".\n")
+  tok = train_tokenizer(str(root / "tok"), 300, files=[str(root / "train" / f) for f in os.listdir(root / "train")])
+  return root, tok
+
+
+def _args(corpus, workdir, steps=8, extra=()):
+  root, tok = corpus
+  return [sys.executable, TRAIN, "--config=" + os.path.join(ROOT, "configs", "pretrain_tiny.py"),
+          f"--workdir={workdir}", f"--config.steps={steps}", "--config.batch_size=8", "--config.seq_len=32",
+          "--config.model.preset=tiny", "--config.log_every=1", "--config.eval_every=4",
+          "--config.eval_batches=2", "--config.checkpoint_every=2", "--config.keep_checkpoints=10",
+          "--config.data.corpus=files", f"--config.data.train_paths={root / 'train'}",
+          f"--config.data.val_paths={root / 'val'}", f"--config.data.tokenizer={tok}",
+          "--config.sample_tokens=8", "--config.progress=False", "--config.peak_flops=1e11",
+          "--config.optimizer.warmup_steps=2", *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the script sets its own simulated device count
+  env["PYTHONPATH"] = ROOT
+  return env
+
+
+def _losses(workdir):
+  by_step = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if "loss" in r:
+        by_step[r["step"]] = r["loss"]  # a resumed run rewrites the steps after its checkpoint
+  return by_step
+
+
+def _final_params(workdir, step):
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  tree = ocp.StandardCheckpointer().restore(path)
+  return tree["params"] if isinstance(tree, dict) else tree.params
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  out = subprocess.run(_args(corpus, workdir), env=_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, out.stdout
+
+
+def test_training_writes_metrics_plot_and_report(uninterrupted):
+  workdir, stdout = uninterrupted
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+  for key in ("step", "loss", "tokens_per_sec", "mfu", "lr", "grad_norm"):
+    assert key in records[-1]
+  assert any("val_loss" in r for r in records)
+  assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert "validation loss" in stdout and "unigram baseline" in stdout and "sample:" in stdout
+
+
+def test_kill_minus_nine_then_rerun_is_bit_identical(corpus, uninterrupted, tmp_path):
+  full_dir, _ = uninterrupted
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(_args(corpus, workdir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  ckpt_dir = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
+    if any(int(d) >= 4 for d in done):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  out = subprocess.run(_args(corpus, workdir), env=_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert _losses(workdir) == _losses(full_dir)
+  a, b = _final_params(workdir, 8), _final_params(full_dir, 8)
+  import jax
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.batch_size=6", "batch_size=6 must be divisible"),
+    ("--config.seq_len=100000", "exceeds the model's max_position_embeddings"),
+    ("--config.model.preset=internlm9", "unknown preset 'internlm9'"),
+    ("--config.data.train_paths=/nonexistent/corpus", "/nonexistent/corpus"),
+])
+def test_bad_config_fails_fast_with_one_line(corpus, tmp_path, override, message):
+  start = time.time()
+  out = subprocess.run(_args(corpus, tmp_path / "bad", extra=[override]), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and message in last, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert time.time() - start < 60
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_match_one_of_eight(corpus, tmp_path):
+  full_dir = tmp_path / "single"
+  single = subprocess.run(_args(corpus, full_dir, extra=["--config.data.host_sharding=rows"]), env=_env(),
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = 20000 + os.getpid() % 20000
+  procs = []
+  for pid in range(2):
+    env = _env()
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(_args(corpus, tmp_path / "mp", extra=["--cpu_devices=4", "--config.data.host_sharding=rows"]), env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  for p in procs:
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+  np.testing.assert_allclose(list(_losses(tmp_path / "mp").values()), list(_losses(full_dir).values()), rtol=1e-5)
