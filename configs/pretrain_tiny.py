@@ -4,15 +4,15 @@ from ml_collections import config_dict
 
 def get_config():
   c = config_dict.ConfigDict()
-  c.steps = 240
-  c.batch_size = 16           # global rows per step (split over the data and fsdp mesh axes, then grad_accum)
+  c.steps = 200
+  c.batch_size = 8            # global rows per step (split over the data and fsdp mesh axes, then grad_accum)
   c.seq_len = 256
   c.grad_accum = 1
   c.seed = 0
   c.log_every = 10
-  c.eval_every = 80
+  c.eval_every = 50
   c.eval_batches = 8
-  c.checkpoint_every = 80
+  c.checkpoint_every = 50
   c.keep_checkpoints = 2
   c.async_checkpoint = True
   c.halt_after_nonfinite = 3  # consecutive skipped updates before the run stops with an error

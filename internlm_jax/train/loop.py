@@ -188,6 +188,8 @@ def run(cfg, workdir: str) -> dict:
   eval_fn = jax.jit(lambda p, b: cross_entropy_sums(p, b, model), in_shardings=(param_sharding, batch_sharding))
   peak, peak_source = metrics_lib.peak_flops_per_device(cfg.peak_flops)
   flops_per_token = model.flops_per_token(cfg.seq_len)
+  # Simulated CPU devices share one machine's cores, and the measured peak already uses all of them.
+  total_peak = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
   writer = metrics_lib.MetricsWriter(workdir, cfg.steps, start, progress=cfg.progress)
   logging.info("model %s: %.1fM params; mesh %s; peak %.3g FLOP/s/device (%s)", cfg.model.preset,
                model.num_params() / 1e6, dict(mesh.shape), peak, peak_source)
@@ -217,7 +219,7 @@ def run(cfg, workdir: str) -> dict:
         loss = float(metrics["loss"])
         now = time.perf_counter()
         tokens_per_sec = (done - last_step) * cfg.batch_size * cfg.seq_len / (now - last_time)
-        mfu = tokens_per_sec * flops_per_token / (peak * jax.device_count())
+        mfu = tokens_per_sec * flops_per_token / total_peak
         last_time, last_step = now, done
         record = {"loss": loss, "tokens_per_sec": tokens_per_sec, "mfu": mfu, "lr": float(metrics["lr"]),
                   "grad_norm": float(metrics["grad_norm"]), "tokens": float(metrics["tokens"]),

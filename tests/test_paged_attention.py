@@ -1,0 +1,89 @@
+"""Pallas paged decode attention (interpret mode on CPU) against the reference, with NaN-poisoned unused memory."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from internlm_jax.attention import xla_attention
+from kernels.paged_attention import paged_attention, paged_attention_reference, quantize_kv
+
+reference = jax.jit(paged_attention_reference)  # eager, its many small ops each compile: slower
+
+PS = 8  # page size
+# Lengths cover: one token, exactly one page, page boundary - 1 / + 1, several pages, an empty sequence.
+LENGTHS = [1, PS, PS - 1, PS + 1, 3 * PS + 5, 0]
+
+
+def paged_cache(seed, lengths, K, D, pps, num_pages, dtype=jnp.float32):
+  """Pages filled only where a sequence has tokens; every other value (unused pages, the tail of each last page)
+  is NaN, and table slots past a sequence's pages point at a NaN page or out of the pool."""
+  rng = np.random.default_rng(seed)
+  k = np.full((K, num_pages, PS, D), np.nan, np.float32)
+  v = np.full_like(k, np.nan)
+  table = np.zeros((len(lengths), pps), np.int32)
+  free = list(rng.permutation(np.arange(1, num_pages)))  # page 0 stays NaN: a tempting target for stale slots
+  for b, n in enumerate(lengths):
+    used = -(-n // PS)
+    for j in range(used):
+      page = free.pop()
+      table[b, j] = page
+      live = min(PS, n - j * PS)
+      k[:, page, :live] = rng.normal(size=(K, live, D))
+      v[:, page, :live] = rng.normal(size=(K, live, D))
+    table[b, used:] = rng.choice([0, num_pages + 3, -7], size=pps - used)
+  return jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(table), jnp.asarray(lengths, jnp.int32)
+
+
+def fast_jit(fn, *args, **static):
+  """Interpret-mode kernels compile about twice as fast without XLA's backend optimizations."""
+  return jax.jit(lambda *a: fn(*a, **static)).lower(*args).compile(
+      compiler_options={"xla_backend_optimization_level": 0})(*args)
+
+
+def assert_close(got, want, tol):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert np.all(np.isfinite(got)), "a NaN page leaked into the output"
+  err = np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want))))
+  assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("G,dtype,pages_per_block,num_splits", [
+    pytest.param(1, jnp.float32, 1, 1, id="g1-f32"),
+    pytest.param(4, jnp.float32, 2, 3, id="g4-f32-splits"),
+    pytest.param(8, jnp.bfloat16, 4, 2, id="g8-bf16-splits"),
+])
+def test_matches_reference_and_ignores_poisoned_memory(G, dtype, pages_per_block, num_splits):
+  K, D, pps = 2, 16, 5
+  k, v, table, lengths = paged_cache(G, LENGTHS, K, D, pps, num_pages=24, dtype=dtype)
+  q = jax.random.normal(jax.random.key(G), (len(LENGTHS), K * G, D), jnp.float32).astype(dtype)
+  out = fast_jit(paged_attention, q, k, v, table, lengths, pages_per_block=pages_per_block, num_splits=num_splits)
+  want = reference(q.astype(jnp.float32), k, v, table, lengths)
+  assert out.shape == q.shape and out.dtype == dtype
+  assert_close(out, want, 1e-5 if dtype == jnp.float32 else 2e-2)
+  assert np.all(np.asarray(out[-1]) == 0), "an empty sequence attends to nothing"
+
+
+def test_int8_kv_with_per_token_scales():
+  K, G, D, pps = 2, 2, 16, 5
+  k, v, table, lengths = paged_cache(11, LENGTHS, K, D, pps, num_pages=24)
+  (kq, ks), (vq, vs) = quantize_kv(jnp.nan_to_num(k)), quantize_kv(jnp.nan_to_num(v))
+  poison = jnp.isnan(k[..., 0])  # int8 cannot hold NaN: poison the unused pages' scales instead
+  ks, vs = jnp.where(poison, jnp.nan, ks), jnp.where(poison, jnp.nan, vs)
+  q = jax.random.normal(jax.random.key(1), (len(LENGTHS), K * G, D), jnp.float32)
+  out = fast_jit(paged_attention, q, kq, vq, table, lengths, ks, vs, pages_per_block=2, num_splits=2)
+  assert_close(out, reference(q, kq, vq, table, lengths, ks, vs), 1e-5)
+  # Dequantization error against the float cache stays small.
+  assert_close(out, reference(q, k, v, table, lengths), 5e-2)
+
+
+def test_agrees_with_dense_decode_attention():
+  # The same step through the model's dense-cache path: q at slot length - 1 over a contiguous buffer.
+  K, G, D, pps = 2, 2, 16, 4
+  lengths = [5, 17, 32]
+  k, v, table, lens = paged_cache(5, lengths, K, D, pps, num_pages=16)
+  q = jax.random.normal(jax.random.key(5), (3, K * G, D), jnp.float32)
+  dense = lambda pages: jnp.nan_to_num(pages[:, jnp.clip(table, 0, 15)]).transpose(1, 2, 3, 0, 4).reshape(
+      3, pps * PS, K, D)
+  want = jax.jit(xla_attention)(q.reshape(3, 1, K, G, D), dense(k), dense(v), (lens - 1)[:, None])
+  out = fast_jit(paged_attention, q, k, v, table, lens)
+  assert_close(out, want.reshape(3, K * G, D), 1e-5)
