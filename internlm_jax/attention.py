@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # finite, so a row that masks everything yields zeros instead of NaN
+NEG_INF = -1e30  # finite: a row that masks every slot averages the values instead of yielding NaN
+# (never the case in practice: every query sees at least its own slot)
 
 
 def attention_mask(q_index: jax.Array, q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
