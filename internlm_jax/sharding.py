@@ -120,16 +120,19 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None) -> None:
   """Starts multi-process JAX where the environment asks for it; does nothing for a single process.
 
-  TPU VMs and SLURM are detected by `jax.distributed.initialize()` itself; an explicit coordinator (or the
-  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) covers plain multi-host CPU or GPU.
+  TPU VMs and SLURM are detected by `jax.distributed.initialize()` itself (JAX_DISTRIBUTED=1 forces the call
+  where detection here misses a cluster); an explicit coordinator (or the JAX_COORDINATOR_ADDRESS /
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) covers plain multi-host CPU or GPU.
   """
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["JAX_NUM_PROCESSES"])
   if process_id is None and "JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["JAX_PROCESS_ID"])
-  if coordinator_address is None and not ("SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ):
-    return
+  cluster = any(v in os.environ for v in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID",
+                                            "MEGASCALE_COORDINATOR_ADDRESS"))
+  if coordinator_address is None and not cluster and os.environ.get("JAX_DISTRIBUTED") != "1":
+    return  # a single process: nothing to join
   # Only the CPU client reads this; it must be set before the backend starts, so no backend query here.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

@@ -142,3 +142,19 @@ def test_two_processes_of_four_devices_match_one_of_eight(corpus, tmp_path):
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-3000:]
   np.testing.assert_allclose(list(_losses(tmp_path / "mp").values()), list(_losses(full_dir).values()), rtol=1e-5)
+
+
+def test_report_turns_a_real_run_into_a_page_with_plots(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  sweep = tmp_path / "results.md"
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), f"--workdir={workdir}",
+                        f"--out={tmp_path / 'report.md'}"], env=_env(), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  page = (tmp_path / "report.md").read_text()
+  assert "## Training" in page and "final validation loss" in page and "unigram baseline" in page
+  for png in ("train_loss.png", "train_throughput.png"):
+    assert (workdir / "report_plots" / png).stat().st_size > 1000
+  empty = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), f"--workdir={tmp_path}"],
+                         env=_env(), capture_output=True, text=True, timeout=120)
+  assert empty.returncode != 0 and "no metrics.jsonl" in empty.stderr
+  del sweep
