@@ -33,6 +33,7 @@ setup(
             # The independent reference for parity tests; 2.13.0 is the CPU build this machine installs offline.
             "torch==2.13.0",
             "transformers>=4.45",
+            "peft>=0.12",  # loads our LoRA adapters in the PEFT test
         ],
     },
 )

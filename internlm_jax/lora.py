@@ -1,0 +1,368 @@
+"""LoRA adapters on the InternLM2 projections, applied inside the one `model.forward` (no second model).
+
+Shapes: L layers, E embed, F mlp, V vocab, H query heads, K kv heads, G = H / K, D head_dim, r rank.
+
+  target  base weight (param_specs)  a (input side)   b (output side)      HF module (PEFT name stem)
+  wqkv    [L, E, K, G + 2, D]        [L, E, r]        [L, r, K, G + 2, D]  model.layers.{i}.attention.wqkv
+  wo      [L, H, D, E]               [L, H, D, r]     [L, r, E]            model.layers.{i}.attention.wo
+  w1, w3  [L, E, F]                  [L, E, r]        [L, r, F]            model.layers.{i}.feed_forward.w1 / w3
+  w2      [L, F, E]                  [L, F, r]        [L, r, E]            model.layers.{i}.feed_forward.w2
+  output  [E, V]                     [E, r]           [r, V]               output
+
+Every base weight is laid out [input dims..., output dims...], so the update is W' = W + (alpha / r) * a @ b,
+contracting r. `a` starts uniform(+-1/sqrt(fan_in)) (PEFT's kaiming-uniform bound), `b` zero, so a fresh adapter
+leaves the model unchanged. Adapter leaves carry the logical axes of the dims they share with their base weight,
+so they shard like it.
+
+How it runs inside the forward. `apply_lora` swaps each targeted leaf for a `LoraWeight` pytree node (base, a,
+b). model.py consumes projection weights only as `w.astype(compute_dtype)`, so `LoraWeight.astype` returns the
+merged W + s * a @ b at that point: per layer inside the layer scan (a scan slices every leaf, including a and b),
+never for the whole model at once. Gradients reach a and b; the base is behind `stop_gradient` and is not an
+argument of the differentiated function in `train.finetune_step`. The same trick lets a quantized base
+(`quant_nf4.QuantizedWeight`) be dequantized per layer. Trade-offs of materializing W' instead of adding
+x @ a @ b to the matmul output: (1) one extra [in, out] weight per layer in compute memory and an O(in * out * r)
+matmul per layer per step (small next to the O(tokens * in * out) projection); (2) without remat the scan saves W'
+per layer for the backward pass, so LoRA/QLoRA memory wants `remat_policy="full"` (W' is then recomputed);
+(3) LoRA dropout (on the adapter's input activations) cannot be expressed on a merged weight: `dropout` is kept
+for the exported adapter_config.json but not applied in training (finetune_step warns). The hook that would
+remove all three: a `dense(x, w, spec)` in model.py used for every projection, which for a LoraWeight computes
+einsum(x, W) + s * einsum(einsum(dropout(x), a), b).
+
+PEFT export: torch Linear weights are [out, in], so lora_A.weight = a[i] viewed [in, r], transposed ([r, in]) and
+lora_B.weight = b[i] viewed [r, out], transposed ([out, r]); the flattening orders are those of hf_io (wqkv rows
+grouped per kv head; wo columns head-major).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internlm_jax.config import ModelConfig
+from internlm_jax.model import ParamSpec, param_specs
+from internlm_jax.sharding import DEFAULT_RULES, ShardingRules
+
+Params = dict[str, Any]
+
+# target -> (path in the params tree, input dims, output dims (both after the layer axis), HF module stem)
+TARGETS: dict[str, tuple[tuple[str, ...], int, int, str]] = {
+    "wqkv": (("layers", "wqkv"), 1, 3, "model.layers.{i}.attention.wqkv"),
+    "wo": (("layers", "wo"), 2, 1, "model.layers.{i}.attention.wo"),
+    "w1": (("layers", "w1"), 1, 1, "model.layers.{i}.feed_forward.w1"),
+    "w2": (("layers", "w2"), 1, 1, "model.layers.{i}.feed_forward.w2"),
+    "w3": (("layers", "w3"), 1, 1, "model.layers.{i}.feed_forward.w3"),
+    "output": (("output",), 1, 1, "output"),
+}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+class LoraError(ValueError):
+  """An adapter config, adapter folder or adapter tree that does not fit the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """rank r, alpha (scale = alpha / r as in PEFT), dropout (exported only, see module doc), target modules.
+
+  The default targets are every projection, output head included: XTuner's `target_modules=None` adapts every
+  Linear but `lm_head`, and InternLM2's head is named `output`.
+  """
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ("wqkv", "wo", "w1", "w2", "w3", "output")
+
+  def __post_init__(self):
+    targets = tuple(self.targets)
+    if not targets or any(t not in TARGETS for t in targets) or len(set(targets)) != len(targets):
+      raise LoraError(f"LoRA targets must be distinct names from {list(TARGETS)}, got {list(targets)}")
+    object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))  # one canonical order
+    if self.rank < 1 or not 0.0 <= self.dropout < 1.0:
+      raise LoraError(f"LoRA needs rank >= 1 and 0 <= dropout < 1, got rank={self.rank}, dropout={self.dropout}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _with(tree, path, value):
+  """A shallow copy of `tree` with the leaf at `path` replaced (the input tree is not modified)."""
+  tree = dict(tree)
+  tree[path[0]] = value if len(path) == 1 else _with(tree.get(path[0], {}), path[1:], value)
+  return tree
+
+
+def lora_specs(config: ModelConfig, lcfg: LoraConfig) -> Params:
+  """ParamSpecs of the adapter tree {..path..: {"a": spec, "b": spec}}, mirroring the params tree."""
+  base = param_specs(config)
+  out: Params = {}
+  for name in lcfg.targets:
+    path, n_in, _, _ = TARGETS[name]
+    spec = _get(base, path)
+    lead = 1 if path[0] == "layers" else 0
+    cut = lead + n_in
+    a = ParamSpec(spec.shape[:cut] + (lcfg.rank,), spec.logical_axes[:cut] + (None,), "uniform")
+    b = ParamSpec(spec.shape[:lead] + (lcfg.rank,) + spec.shape[cut:],
+                  spec.logical_axes[:lead] + (None,) + spec.logical_axes[cut:], "zeros")
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = {"a": a, "b": b}
+  return out
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def lora_shardings(config: ModelConfig, lcfg: LoraConfig, mesh, rules: ShardingRules = DEFAULT_RULES) -> Params:
+  return jax.tree.map(lambda s: rules.sharding(mesh, s.logical_axes), lora_specs(config, lcfg), is_leaf=_is_spec)
+
+
+def init_lora(config: ModelConfig, lcfg: LoraConfig, key: jax.Array, mesh=None,
+              rules: ShardingRules = DEFAULT_RULES, dtype=jnp.float32) -> Params:
+  """A random, B zero; float32 adapters (they are the trained weights), born sharded on `mesh` if given."""
+  specs = lora_specs(config, lcfg)
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+
+  def make(key):
+    out = []
+    for k, spec in zip(jax.random.split(key, len(leaves)), leaves):
+      if spec.init == "zeros":
+        out.append(jnp.zeros(spec.shape, dtype))
+      else:
+        lead = 1 if spec.logical_axes[0] == "layers" else 0
+        bound = 1.0 / math.sqrt(math.prod(spec.shape[lead:-1]))
+        out.append(jax.random.uniform(k, spec.shape, dtype, -bound, bound))
+    return jax.tree.unflatten(treedef, out)
+
+  shardings = None if mesh is None else lora_shardings(config, lcfg, mesh, rules)
+  return jax.jit(make, out_shardings=shardings)(key)
+
+
+# ---- the update ----------------------------------------------------------------------------------------------
+def lora_delta(a: jax.Array, b: jax.Array, scale: float, n_out: int) -> jax.Array:
+  """scale * a @ b contracting r, float32, shaped [*lead, *in_dims, *out_dims] (see the table above).
+
+  a [*lead, *in, r], b [*lead, r, *out] with n_out output dims; lead is the layer axis or nothing (a scan slices
+  it away from both), so it is read off the shapes.
+  """
+  r = a.shape[-1]
+  n_lead = b.ndim - n_out - 1
+  chex.assert_equal(b.shape[n_lead], r)
+  lead, ins, outs = a.shape[:n_lead], a.shape[n_lead:-1], b.shape[n_lead + 1:]
+  a2 = a.astype(jnp.float32).reshape(lead + (math.prod(ins), r))
+  b2 = b.astype(jnp.float32).reshape(lead + (r, math.prod(outs)))
+  return (scale * jnp.matmul(a2, b2)).reshape(lead + ins + outs)
+
+
+def _merged(w, a, b, scale, n_out, dtype):
+  return (w.astype(jnp.float32) + lora_delta(a, b, scale, n_out)).astype(dtype)
+
+
+@jax.tree_util.register_pytree_node_class
+class LoraWeight:
+  """A frozen base weight (an array or a quantized weight) plus its adapter; `.astype(d)` is the merged weight.
+
+  Leaves: base (or its quantized leaves), a, b. Static: scale and the number of output dims of the base.
+  """
+
+  def __init__(self, base, a, b, scale: float, n_out: int):
+    self.base, self.a, self.b, self.scale, self.n_out = base, a, b, float(scale), int(n_out)
+
+  def tree_flatten(self):
+    return (self.base, self.a, self.b), (self.scale, self.n_out)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def shape(self):
+    return self.base.shape
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  def astype(self, dtype):
+    base = jax.lax.stop_gradient(self.base.astype(jnp.float32))
+    return _merged(base, self.a, self.b, self.scale, self.n_out, dtype)
+
+  def __repr__(self):
+    return f"LoraWeight(base={self.base!r}, a={self.a.shape}, b={self.b.shape}, scale={self.scale})"
+
+
+def _check_adapter(base: Params, lora: Params, lcfg: LoraConfig) -> None:
+  for name in lcfg.targets:
+    path, _, n_out, _ = TARGETS[name]
+    try:
+      node, w = _get(lora, path), _get(base, path)
+    except (KeyError, TypeError):
+      raise LoraError(f"adapter or params have no {'/'.join(path)} (targets {list(lcfg.targets)})") from None
+    a, b = node["a"], node["b"]
+    if a.shape[-1] != lcfg.rank or tuple(a.shape[:-1]) + tuple(b.shape[b.ndim - n_out:]) != tuple(w.shape):
+      raise LoraError(f"adapter {'/'.join(path)} a {tuple(a.shape)} b {tuple(b.shape)} does not fit the weight "
+                      f"{tuple(w.shape)} at rank {lcfg.rank}")
+
+
+def apply_lora(base: Params, lora: Params, lcfg: LoraConfig) -> Params:
+  """Params for `model.forward` whose targeted weights are LoraWeight nodes (merged lazily, per layer); every
+  base leaf is behind stop_gradient, so differentiating through the result reaches only the adapters."""
+  _check_adapter(base, lora, lcfg)
+  out = jax.tree.map(jax.lax.stop_gradient, base)  # the whole base is frozen, embedding and norms included
+  for name in lcfg.targets:
+    path, _, n_out, _ = TARGETS[name]
+    node = _get(lora, path)
+    out = _with(out, path, LoraWeight(_get(out, path), node["a"], node["b"], lcfg.scale, n_out))
+  return out
+
+
+def merge(base: Params, lora: Params, lcfg: LoraConfig) -> Params:
+  """Plain params with W + s * a @ b in each targeted weight (in W's dtype): for export and serving."""
+  _check_adapter(base, lora, lcfg)
+  out = base
+  for name in lcfg.targets:
+    path, _, n_out, _ = TARGETS[name]
+    w, node = _get(base, path), _get(lora, path)
+    out = _with(out, path, _merged(w, node["a"], node["b"], lcfg.scale, n_out, w.dtype))
+  return out
+
+
+def unmerge(merged: Params, lora: Params, lcfg: LoraConfig) -> Params:
+  """Inverse of `merge`: W' - s * a @ b (exact up to float rounding of the add and subtract)."""
+  neg = lora
+  for name in lcfg.targets:
+    path = TARGETS[name][0]
+    node = _get(lora, path)
+    neg = _with(neg, path, {"a": node["a"], "b": -node["b"]})
+  return merge(merged, neg, lcfg)
+
+
+# ---- PEFT-compatible adapter folders -------------------------------------------------------------------------
+def to_peft_state_dict(config: ModelConfig, lcfg: LoraConfig, lora: Params) -> dict[str, np.ndarray]:
+  """{PEFT key: float32 torch-layout array}, e.g. base_model.model.model.layers.0.attention.wqkv.lora_A.weight."""
+  out = {}
+  for name in lcfg.targets:
+    path, _, _, stem = TARGETS[name]
+    node = _get(lora, path)
+    a, b = np.asarray(jax.device_get(node["a"]), np.float32), np.asarray(jax.device_get(node["b"]), np.float32)
+    layers = range(config.num_layers) if path[0] == "layers" else [None]
+    for i in layers:
+      ai, bi = (a, b) if i is None else (a[i], b[i])
+      key = _PEFT_PREFIX + (stem.format(i=i) if i is not None else stem)
+      out[key + ".lora_A.weight"] = np.ascontiguousarray(ai.reshape(-1, lcfg.rank).T)
+      out[key + ".lora_B.weight"] = np.ascontiguousarray(bi.reshape(lcfg.rank, -1).T)
+  return out
+
+
+def from_peft_state_dict(config: ModelConfig, lcfg: LoraConfig, tensors: dict[str, Any], mesh=None,
+                         rules: ShardingRules = DEFAULT_RULES) -> Params:
+  """The adapter tree from PEFT tensors; every expected key must be present with its exact shape."""
+  specs = lora_specs(config, lcfg)
+  # PEFT sometimes keeps the adapter name in the key ("lora_A.default.weight"); accept both.
+  tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+  used, out = set(), {}
+  for name in lcfg.targets:
+    path, _, _, stem = TARGETS[name]
+    spec = _get(specs, path)
+    blocks = {"a": [], "b": []}
+    layers = range(config.num_layers) if path[0] == "layers" else [None]
+    for i in layers:
+      key = _PEFT_PREFIX + (stem.format(i=i) if i is not None else stem)
+      for part, suffix in (("a", ".lora_A.weight"), ("b", ".lora_B.weight")):
+        if key + suffix not in tensors:
+          raise LoraError(f"adapter has no tensor {key + suffix}")
+        t = np.asarray(tensors[key + suffix], np.float32)
+        one = spec[part].shape[1:] if i is not None else spec[part].shape  # our per-layer shape
+        want = (lcfg.rank, math.prod(one[:-1])) if part == "a" else (math.prod(one[1:]), lcfg.rank)
+        if t.shape != want:
+          raise LoraError(f"adapter tensor {key + suffix} has shape {list(t.shape)}, expected {list(want)}")
+        blocks[part].append(t.T.reshape(one))
+        used.add(key + suffix)
+    leaf = {p: np.stack(v) if path[0] == "layers" else v[0] for p, v in blocks.items()}
+    out = _with(out, path, leaf)
+  extra = sorted(set(tensors) - used)
+  if extra:
+    raise LoraError(f"adapter has tensor(s) for modules outside targets {list(lcfg.targets)}: {extra[:3]}")
+  shardings = lora_shardings(config, lcfg, mesh, rules) if mesh is not None else None
+  if shardings is None:
+    return jax.tree.map(jnp.asarray, out)
+  return jax.tree.map(lambda x, s: jax.device_put(x, s), out, shardings)
+
+
+def save_adapter(path: str | os.PathLike, config: ModelConfig, lcfg: LoraConfig, lora: Params, *,
+                 base_model_name_or_path: str | None = None) -> None:
+  """Writes adapter_config.json + adapter_model.safetensors, loadable with `peft.PeftModel.from_pretrained`."""
+  from safetensors.numpy import save_file  # noqa: PLC0415  (only adapter I/O needs it)
+  folder = os.fspath(path)
+  tensors = to_peft_state_dict(config, lcfg, lora)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(folder, exist_ok=True)
+  save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+  adapter_config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lcfg.rank, "lora_alpha": lcfg.alpha,
+      "lora_dropout": lcfg.dropout, "target_modules": list(lcfg.targets), "bias": "none",
+      "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None, "inference_mode": True,
+      "init_lora_weights": True, "base_model_name_or_path": base_model_name_or_path,
+  }
+  with open(os.path.join(folder, ADAPTER_CONFIG), "w") as f:
+    json.dump(adapter_config, f, indent=2)
+
+
+_UNSUPPORTED = {"use_rslora": False, "use_dora": False, "lora_bias": False, "bias": "none", "fan_in_fan_out": False,
+                "layers_to_transform": None, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def load_adapter(path: str | os.PathLike, config: ModelConfig, *, mesh=None,
+                 rules: ShardingRules = DEFAULT_RULES) -> tuple[LoraConfig, Params]:
+  """(LoraConfig, adapter tree) from a PEFT LoRA folder for an InternLM2 model (ours or PEFT's)."""
+  from safetensors.numpy import load_file  # noqa: PLC0415
+  folder = os.fspath(path)
+  cfg_path = os.path.join(folder, ADAPTER_CONFIG)
+  try:
+    with open(cfg_path) as f:
+      raw = json.load(f)
+  except FileNotFoundError:
+    raise LoraError(f"{cfg_path}: missing; not an adapter folder") from None
+  if raw.get("peft_type") != "LORA":
+    raise LoraError(f"{cfg_path}: peft_type is {raw.get('peft_type')!r}, only 'LORA' adapters load")
+  for key, ok in _UNSUPPORTED.items():
+    if raw.get(key, ok) not in (ok, None) and not (ok == {} and not raw.get(key)):
+      raise LoraError(f"{cfg_path}: {key}={raw[key]!r} is not supported (expected {ok!r})")
+  targets = raw.get("target_modules")
+  if isinstance(targets, str) or not targets:
+    raise LoraError(f"{cfg_path}: target_modules must be a list of names from {sorted(TARGETS)}, got {targets!r}")
+  lcfg = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
+                    targets=tuple(targets))
+  weights = os.path.join(folder, ADAPTER_WEIGHTS)
+  if not os.path.isfile(weights):
+    raise LoraError(f"{weights}: missing (adapter_model.bin is not supported)")
+  return lcfg, from_peft_state_dict(config, lcfg, load_file(weights), mesh=mesh, rules=rules)
+
+
+def trainable_count(lora: Params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora))
+
+
+def warn_if_dropout(lcfg: LoraConfig) -> None:
+  if lcfg.dropout > 0:
+    warnings.warn(f"LoRA dropout {lcfg.dropout} is recorded in the adapter config but not applied: adapters are "
+                  "merged per layer inside the forward (see internlm_jax.lora)", stacklevel=3)

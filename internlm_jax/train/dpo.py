@@ -1,0 +1,123 @@
+"""DPO (sigmoid loss) on LoRA / QLoRA adapters, with the frozen base (adapter off) as the reference model.
+
+Shapes: P preference pairs per batch, T seq_len, V vocab.
+Batch: {"chosen": rows, "rejected": rows}, each rows dict holding the pretraining fields (train.step.BATCH_KEYS)
+as int32 [P, T]; row p of "chosen" and row p of "rejected" are one pair (same prompt), one sequence per row
+(data.sft.build_dpo_rows). `loss_mask` marks the response tokens' positions, so a sequence's log-prob is
+log pi(response | prompt). Optional float32 [P] "ref_chosen_logps" / "ref_rejected_logps" in the batch replace
+the reference forward passes (precomputed once per dataset). A pair with no loss token on either side (padding
+rows of a short final batch) counts for nothing.
+
+  z_p       = beta * ((pi_c - ref_c) - (pi_r - ref_r))        pi, ref: summed response log-probs
+  loss      = mean_p [ -(1 - eps) log sigmoid(z_p) - eps log sigmoid(-z_p) ]   (eps = label_smoothing, cDPO)
+  rewards   = beta * (pi - ref) for chosen and rejected; margin = chosen - rejected; accuracy = mean(margin > 0)
+
+At init (b = 0) the policy equals the reference, so z = 0 and the loss is log 2.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from internlm_jax.config import ModelConfig
+from internlm_jax.lora import LoraConfig, apply_lora, warn_if_dropout
+from internlm_jax.model import forward
+from internlm_jax.sharding import DEFAULT_RULES, ShardingRules
+from internlm_jax.train.finetune_step import accumulate, apply_update
+from internlm_jax.train.state import TrainState
+from internlm_jax.train.step import BATCH_KEYS
+
+
+def sequence_logps(params, rows, config: ModelConfig, rules: ShardingRules | None = DEFAULT_RULES) -> jax.Array:
+  """float32 [N]: sum over each row's loss positions of log p(target | prefix)."""
+  chex.assert_equal_shape([rows["tokens"], rows["targets"], rows["loss_mask"]])
+  logits = forward(params, rows["tokens"], config, segment_ids=rows["segment_ids"], positions=rows["positions"],
+                   rules=rules)
+  token_logps = -optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"])
+  return jnp.sum(token_logps * rows["loss_mask"].astype(jnp.float32), axis=-1)
+
+
+def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array,
+             beta: float, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-pair (loss, chosen reward, rejected reward), each float32 [P], from summed log-probs [P]."""
+  chex.assert_equal_shape([policy_chosen, policy_rejected, ref_chosen, ref_rejected])
+  chosen_reward = beta * (policy_chosen - ref_chosen)
+  rejected_reward = beta * (policy_rejected - ref_rejected)
+  z = chosen_reward - rejected_reward
+  loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+  return loss, jax.lax.stop_gradient(chosen_reward), jax.lax.stop_gradient(rejected_reward)
+
+
+def _pairs(batch):
+  """chosen and rejected rows stacked into one [2P, T] batch: one forward pass for both."""
+  fields = {k: jnp.concatenate([batch["chosen"][k], batch["rejected"][k]]) for k in BATCH_KEYS}
+  has_c = jnp.sum(batch["chosen"]["loss_mask"], axis=-1) > 0
+  has_r = jnp.sum(batch["rejected"]["loss_mask"], axis=-1) > 0
+  return fields, (has_c & has_r).astype(jnp.float32)
+
+
+def dpo_sums(config: ModelConfig, lcfg: LoraConfig, base, beta: float, label_smoothing: float,
+             rules: ShardingRules | None):
+  """loss_fn(adapters, batch) -> (loss sum, (pairs, metric sums)) for `finetune_step.accumulate`."""
+  def fn(adapters, batch):
+    rows, valid = _pairs(batch)
+    P = valid.shape[0]
+    policy = sequence_logps(apply_lora(base, adapters, lcfg), rows, config, rules)
+    if "ref_chosen_logps" in batch:
+      ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    else:
+      ref = jax.lax.stop_gradient(sequence_logps(base, rows, config, rules))  # adapter off
+      ref_c, ref_r = ref[:P], ref[P:]
+    loss, chosen, rejected = dpo_loss(policy[:P], policy[P:], ref_c, ref_r, beta, label_smoothing)
+    sums = {
+        "chosen_reward": jnp.sum(chosen * valid),
+        "rejected_reward": jnp.sum(rejected * valid),
+        "reward_accuracy": jnp.sum((chosen > rejected) * valid),
+        "policy_chosen_logps": jnp.sum(jax.lax.stop_gradient(policy[:P]) * valid),
+        "policy_rejected_logps": jnp.sum(jax.lax.stop_gradient(policy[P:]) * valid),
+    }
+    return jnp.sum(loss * valid), (jnp.sum(valid), sums)
+  return fn
+
+
+def make_dpo_step(config: ModelConfig, lcfg: LoraConfig, tx: optax.GradientTransformation, *, beta: float = 0.1,
+                  label_smoothing: float = 0.0, grad_accum: int = 1, rules: ShardingRules | None = DEFAULT_RULES,
+                  state_sharding=None, base_sharding=None, batch_sharding=None,
+                  lr_schedule: Callable | None = None):
+  """jit(step)(state, base, batch) -> (state, metrics); state.params are the adapters (see finetune_step).
+
+  Metrics (means over valid pairs): loss, chosen_reward, rejected_reward, reward_margin, reward_accuracy,
+  policy_chosen_logps, policy_rejected_logps; plus grad_norm, pairs, finite (and lr).
+  """
+  if beta <= 0 or not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f"DPO needs beta > 0 and 0 <= label_smoothing < 0.5, got {beta}, {label_smoothing}")
+  warn_if_dropout(lcfg)
+
+  def step(state: TrainState, base, batch):
+    fn = dpo_sums(config, lcfg, base, beta, label_smoothing, rules)
+    loss_sum, pairs, sums, grads = accumulate(fn, state.params, batch, grad_accum, rules)
+    new_state, metrics = apply_update(state, tx, loss_sum, pairs, grads)
+    denom = jnp.maximum(pairs, 1.0)
+    metrics.update({k: v / denom for k, v in sums.items()})
+    metrics["reward_margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
+    metrics["pairs"] = pairs
+    if lr_schedule is not None:
+      metrics["lr"] = lr_schedule(state.step)
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(state_sharding, base_sharding, batch_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def make_reference_logps(config: ModelConfig, rules: ShardingRules | None = DEFAULT_RULES):
+  """jit(fn)(base, batch) -> (ref_chosen_logps [P], ref_rejected_logps [P]) to precompute the reference once."""
+  def fn(base, batch):
+    rows, _ = _pairs(batch)
+    ref = sequence_logps(base, rows, config, rules)
+    P = ref.shape[0] // 2
+    return ref[:P], ref[P:]
+  return jax.jit(fn)

@@ -1,0 +1,135 @@
+"""The jitted LoRA / QLoRA step: only adapters are differentiated, updated and held in the optimizer state.
+
+Shapes: B global batch, M micro-batches (grad_accum), T seq_len, V vocab.
+Batch fields as pretraining (train.step.BATCH_KEYS), each int32 [B, T]; for SFT rows `loss_mask` marks the
+positions whose target is a trained (assistant) token.
+
+    lcfg = LoraConfig(rank=16, alpha=32)
+    base = params                                   # or quant_nf4.quantize_params(params, "nf4") for QLoRA
+    state = create_adapter_state(init_lora(config, lcfg, key), tx, seed=0)
+    step = make_finetune_step(config, lcfg, tx)
+    state, metrics = step(state, base, batch)       # state.params is the adapter tree; base is never changed
+
+The base is an argument of the step, not part of the state: it is neither donated nor differentiated (and sits
+behind stop_gradient inside `LoraWeight`), so the optimizer state covers adapter leaves only. Full fine-tuning
+uses the pretraining step (`train.step.make_train_step`) unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from internlm_jax.config import ModelConfig
+from internlm_jax.lora import LoraConfig, apply_lora, warn_if_dropout
+from internlm_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
+from internlm_jax.train.state import TrainState, train_state_shardings
+from internlm_jax.train.step import BATCH_KEYS, cross_entropy_sums
+
+# loss_fn(trainable, micro_batch) -> (loss sum, (denominator, {metric name: sum}))
+SumsFn = Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
+
+
+def create_adapter_state(adapters, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+  """A TrainState whose params are the adapters; with sharded adapters (lora.init_lora(mesh=...)) the optimizer
+  moments get each adapter's sharding and scalars are replicated."""
+  rng = jax.random.key_data(jax.random.key(seed))
+
+  def build(adapters):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters), rng=rng,
+                      skipped=jnp.zeros((), jnp.int32))
+
+  shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), adapters)
+  first = jax.tree.leaves(shardings)[0] if jax.tree.leaves(shardings) else None
+  out_shardings = None
+  if isinstance(first, NamedSharding):
+    out_shardings = train_state_shardings(jax.eval_shape(build, adapters), tx, first.mesh, shardings)
+  return jax.jit(build, out_shardings=out_shardings)(adapters)
+
+
+def accumulate(loss_fn: SumsFn, trainable, batch, grad_accum: int, rules: ShardingRules | None):
+  """Sums of (loss, denominator, metrics) and the gradient of the loss sum over `grad_accum` micro-batches.
+
+  Every leaf of `batch` is split along its first axis, strided as in train.step so each data shard keeps its
+  rows. Dividing the summed loss once by the summed denominator makes M micro-batches equal one big batch.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum == 1:
+    (loss_sum, (denom, sums)), grads = grad_fn(trainable, batch)
+    return loss_sum, denom, sums, grads
+
+  def split(x):
+    x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(x, (None, "batch", "seq")[:x.ndim], rules)
+
+  micro = jax.tree.map(split, batch)
+  shapes = jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], micro))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+  def body(carry, mb):
+    out = grad_fn(trainable, mb)
+    return jax.tree.map(lambda acc, new: acc + new.astype(jnp.float32), carry, out), None
+
+  ((loss_sum, (denom, sums)), grads), _ = jax.lax.scan(body, zeros, micro)
+  return loss_sum, denom, sums, grads
+
+
+def apply_update(state: TrainState, tx: optax.GradientTransformation, loss_sum, denom, grads):
+  """Mean loss and gradients, one optimizer update; skipped (state kept) when loss or grads are not finite."""
+  denom = jnp.maximum(denom, 1.0)
+  loss = loss_sum / denom
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+  grad_norm = optax.global_norm(grads)
+  updates, new_opt = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                         opt_state=keep(new_opt, state.opt_state), rng=state.rng,
+                         skipped=state.skipped + (~finite).astype(jnp.int32))
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def lora_loss_sums(config: ModelConfig, lcfg: LoraConfig, base, rules: ShardingRules | None) -> SumsFn:
+  """Masked next-token cross-entropy sums of base + adapters (the pretraining loss on merged weights)."""
+  def fn(adapters, batch):
+    loss_sum, count = cross_entropy_sums(apply_lora(base, adapters, lcfg), batch, config, rules)
+    return loss_sum, (count, {})
+  return fn
+
+
+def make_finetune_step(config: ModelConfig, lcfg: LoraConfig, tx: optax.GradientTransformation, *,
+                       grad_accum: int = 1, rules: ShardingRules | None = DEFAULT_RULES, state_sharding=None,
+                       base_sharding=None, batch_sharding=None, lr_schedule: Callable | None = None):
+  """jit(step)(state, base, batch) -> (state, metrics); the adapter state is donated, the base is not.
+
+  Metrics: loss (mean over loss tokens), grad_norm (adapters), tokens, finite, and lr with `lr_schedule`.
+  For QLoRA pass a quantized base; use config.remat_policy="full" to keep merged weights out of the saved
+  activations (see lora.py).
+  """
+  warn_if_dropout(lcfg)
+
+  def step(state: TrainState, base, batch):
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    loss_sum, count, _, grads = accumulate(lora_loss_sums(config, lcfg, base, rules), state.params, batch,
+                                           grad_accum, rules)
+    new_state, metrics = apply_update(state, tx, loss_sum, count, grads)
+    metrics["tokens"] = count
+    if lr_schedule is not None:
+      metrics["lr"] = lr_schedule(state.step)
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(state_sharding, base_sharding, batch_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def make_eval_loss(config: ModelConfig, lcfg: LoraConfig | None = None, rules: ShardingRules | None = DEFAULT_RULES):
+  """jit(fn)(base, adapters_or_None, batch) -> mean masked loss; adapters None evaluates the base alone."""
+  def fn(base, adapters, batch):
+    params = base if adapters is None else apply_lora(base, adapters, lcfg)
+    loss_sum, count = cross_entropy_sums(params, {k: batch[k] for k in BATCH_KEYS}, config, rules)
+    return loss_sum / jnp.maximum(count, 1.0)
+  return jax.jit(fn)
