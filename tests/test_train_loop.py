@@ -158,3 +158,17 @@ def test_report_turns_a_real_run_into_a_page_with_plots(uninterrupted, tmp_path)
                          env=_env(), capture_output=True, text=True, timeout=120)
   assert empty.returncode != 0 and "no metrics.jsonl" in empty.stderr
   del sweep
+
+
+def test_convert_training_workdir_to_hf_folder(uninterrupted, tmp_path):
+  from internlm_jax import load_hf_checkpoint
+  from internlm_jax.tokenizer import Tokenizer
+  workdir, _ = uninterrupted
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "convert.py"), f"--from_ckpt={workdir}",
+                        f"--to_hf={tmp_path / 'hf'}"], env=_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  _, params = load_hf_checkpoint(tmp_path / "hf")
+  import jax
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params,
+               _final_params(workdir, 8))
+  assert Tokenizer(tmp_path / "hf").vocab_size == params["embed"].shape[0]

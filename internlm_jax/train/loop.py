@@ -5,8 +5,10 @@ newest good checkpoint and continues bit-exactly (params, optimizer, RNG and dat
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 import os
 import time
 
@@ -165,6 +167,11 @@ def run(cfg, workdir: str) -> dict:
   abstract = jax.eval_shape(fresh_state)
   shardings = train_state_shardings(abstract, tx, mesh, param_sharding)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  if jax.process_index() == 0:  # serving, evaluation and convert.py read the model and tokenizer from here
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+      json.dump(dataclasses.asdict(model), f, indent=2)
+    if os.path.abspath(tokenizer.path) != os.path.abspath(os.path.join(workdir, "tokenizer.model")):
+      shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))
   ckpt = checkpoint_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
                                           keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
   restored = ckpt.restore(abstract)
