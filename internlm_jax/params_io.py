@@ -43,17 +43,7 @@ def load_params_checkpoint(directory: str | os.PathLike, *, mesh=None,
   directory = os.path.abspath(os.fspath(directory))
   if os.path.isdir(os.path.join(directory, TRAINING_CHECKPOINTS)):
     return load_training_params(directory, mesh=mesh, rules=rules)
-  config_path = os.path.join(directory, CONFIG_FILE)
-  try:
-    with open(config_path) as f:
-      fields = json.load(f)
-  except FileNotFoundError:
-    raise ConfigError(f"{config_path}: missing; not a params checkpoint folder") from None
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ConfigError(f"{config_path}: unknown ModelConfig field(s) {unknown}")
-  config = ModelConfig(**fields)
+  config = _read_config(os.path.join(directory, CONFIG_FILE))
   return config, _restore_params(os.path.join(directory, PARAMS_DIR), config, mesh, rules)
 
 

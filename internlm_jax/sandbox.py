@@ -13,13 +13,15 @@ still runs where the kernel or the user lacks a feature (`features()` says which
   - seccomp: no new processes (fork, vfork, clone without CLONE_THREAD), threads still allowed. RLIMIT_NPROC
     cannot do this job for root, whom the kernel exempts from it.
 
-`run_python` adds the rest: `python -I` in a fresh temporary directory deleted afterwards, a minimal environment
+From a multithreaded parent (any JAX process) use `sandbox_argv`, which applies the same layers in a fresh launcher
+process instead of between fork and exec. `run_python` adds the rest: `python -I` in a fresh temporary directory deleted afterwards, a minimal environment
 (nothing of the parent's leaks in), wall-clock timeout, and output truncated to `max_output_bytes`.
 """
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import platform
 import resource
@@ -33,7 +35,7 @@ import threading
 import time
 from typing import Callable
 
-__all__ = ["SandboxLimits", "SandboxResult", "features", "limit_child", "run_python"]
+__all__ = ["SandboxLimits", "SandboxResult", "features", "limit_child", "run_python", "sandbox_argv"]
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
@@ -222,6 +224,15 @@ def limit_child(limits: SandboxLimits) -> Callable[[], None]:
   return preexec
 
 
+def sandbox_argv(argv: list[str], limits: SandboxLimits) -> list[str]:
+  """`argv` wrapped so that a fresh, single-threaded interpreter applies `limit_child(limits)` and then execs
+  `argv` (argv[0] a path). Prefer this to `preexec_fn` from a multithreaded parent such as a JAX process, where
+  running Python between fork and exec can deadlock; it also lets subprocess use vfork. The launcher runs with
+  -S (no site-packages): this module needs only the standard library."""
+  return [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__),
+          json.dumps(dataclasses.asdict(limits)), *argv]
+
+
 def features() -> dict[str, object]:
   """Which layers this machine gives (probed once in a throwaway child): for logs and for tests to skip on."""
   global _FEATURES
@@ -289,10 +300,9 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), *, stdin: str
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
            "PYTHONIOENCODING": "utf-8"}
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", prelude], cwd=workdir, env=env,
-                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=limit_child(limits))
+    proc = subprocess.Popen(sandbox_argv([sys.executable, "-I", "-B", "-c", prelude], limits), cwd=workdir,
+                            env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     outs: tuple[dict, dict] = ({"text": ""}, {"text": ""})
     readers = [threading.Thread(target=_drain, args=(s, limits.max_output_bytes, o), daemon=True)
                for s, o in ((proc.stdout, outs[0]), (proc.stderr, outs[1]))]
@@ -316,7 +326,12 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), *, stdin: str
     proc.wait()
     duration = time.monotonic() - start
     for r in readers:
-      r.join(timeout=2.0)
+      r.join(timeout=2.0)  # a pipe can outlive the group only if a descendant escaped it (subprocesses=True)
+    for stream in (proc.stdout, proc.stderr):
+      try:
+        stream.close()
+      except OSError:
+        pass
     stdout, stderr = outs[0]["text"], outs[1]["text"]
     status = _status(proc.returncode, timed_out, stderr, duration, limits)
     return SandboxResult(status, stdout, stderr, proc.returncode, duration)
@@ -334,3 +349,8 @@ def _status(returncode: int, timed_out: bool, stderr: str, duration: float, limi
   if returncode == 0:
     return "ok"
   return "killed" if returncode < 0 else "error"
+
+
+if __name__ == "__main__":  # the launcher of `sandbox_argv`: limit this process, then become the program
+  limit_child(SandboxLimits(**json.loads(sys.argv[1])))()
+  os.execv(sys.argv[2], sys.argv[2:])

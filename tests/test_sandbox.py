@@ -120,3 +120,11 @@ def test_limit_child_as_a_preexec_fn():
                           cwd=workdir, capture_output=True, text=True, preexec_fn=sandbox.limit_child(FAST))
     assert proc.returncode == 1 and "MemoryError" in proc.stderr
     assert os.path.exists(os.path.join(workdir, "ok.txt"))
+
+
+def test_sandbox_argv_wraps_any_command():
+  """The launcher form, safe from multithreaded parents: same limits, then exec of the real command."""
+  with tempfile.TemporaryDirectory() as workdir:
+    argv = sandbox.sandbox_argv([sys.executable, "-I", "-c", "import os\nos.fork()"], FAST)
+    proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, start_new_session=True)
+    assert proc.returncode == 1 and "BlockingIOError" in proc.stderr
