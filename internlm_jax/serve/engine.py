@@ -1,0 +1,335 @@
+"""The serving engine on JetStream's contract: prefill -> Prefix, insert(prefix, state, slot), generate(state),
+free(state, slot). The paged cache lives on device; the page allocator and page tables live on the host.
+
+Shapes: B slots, V vocab, n steps per generate call, N top logprobs, pps pages per sequence.
+  DecodeState.slots: per-slot rows [B] (and logits [B, V], seen [B, V], stop_ids [B, MAX_STOP_IDS])
+  StepResult: tokens, valid, logprob [n, B]; top_ids, top_logprobs [n, B, N]
+
+A generate call runs n decode steps in one lax.scan: each step samples every active slot's next token from the
+logits it holds, feeds the token through the model (writing its key/value) and keeps the new logits. A slot stops
+on a stop token id or when its token budget runs out, on device, so the host only has to reserve pages for n more
+tokens per slot before the call. Stop strings are the host's job (the scheduler frees the slot).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internlm_jax.config import ModelConfig
+from internlm_jax import quant
+from internlm_jax.serve import paged_model, sampling
+from internlm_jax.serve.kv_cache import (CacheFullError, PagedKVCache, PageAllocator, RequestTooLargeError,
+                                         init_paged_cache, page_hashes, pages_for_budget)
+from internlm_jax.sharding import DEFAULT_RULES, ShardingRules
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  max_slots: int = 8  # B: sequences decoded together
+  max_seq_len: int | None = None  # prompt + output per sequence; default the model's max_position_embeddings
+  page_size: int = 16
+  num_pages: int | None = None  # pool size (scratch page included); default from kv_budget_bytes or full capacity
+  kv_budget_bytes: int | None = None
+  kv_dtype: str | None = None  # None: the model dtype; "int8": per-token quantized pages
+  prefill_chunk: int = 512  # longest prefill piece (a power of two)
+  steps_per_call: int = 8  # decode steps per host round trip
+  prefix_caching: bool = True
+  attention_kernel: bool | None = None  # Pallas paged attention; default on GPU/TPU, pure-JAX reference on CPU
+  sample_vocab: int | None = None  # sample only ids below this (a tokenizer smaller than the padded model vocab)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+  logits: jax.Array  # [B, V] float32: the distribution of each slot's next token
+  lengths: jax.Array  # [B] tokens in the cache
+  active: jax.Array  # [B] bool
+  remaining: jax.Array  # [B] tokens the slot may still produce
+  step: jax.Array  # [B] tokens produced so far (the sampling key index)
+  seed: jax.Array  # [B] uint32
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+  min_p: jax.Array
+  repetition_penalty: jax.Array
+  want_top: jax.Array  # [B] bool: compute top-N logprobs
+  seen: jax.Array  # [B, V] bool: tokens the repetition penalty applies to
+  stop_ids: jax.Array  # [B, MAX_STOP_IDS] int32, -1 padded
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  cache: PagedKVCache
+  slots: SlotState
+  page_table: jax.Array  # [B, pps] int32, a device copy of the allocator's table
+
+
+@dataclasses.dataclass
+class Prefix:
+  """A prefilled prompt: its pages (held, one reference each) and the logits of its next token."""
+  tokens: list[int]
+  pages: list[int]
+  logits: jax.Array  # [V]
+  cached_tokens: int  # prompt tokens served from the prefix cache
+  prompt_logprobs: list | None = None  # per prompt token after the first: (logprob, top ids, top logprobs)
+
+
+@dataclasses.dataclass
+class StepResult:
+  tokens: np.ndarray  # [n, B]
+  valid: np.ndarray  # [n, B] bool: a real token of an active slot
+  logprob: np.ndarray  # [n, B]
+  top_ids: np.ndarray  # [n, B, N]
+  top_logprobs: np.ndarray  # [n, B, N]
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _slot_update(slots: SlotState, slot, row: dict) -> SlotState:
+  return dataclasses.replace(slots, **{k: getattr(slots, k).at[slot].set(v) for k, v in row.items()})
+
+
+class Engine:
+  """Owns params, the paged cache pool and the page allocator; all methods run on one (scheduler) thread."""
+
+  def __init__(self, params: dict[str, Any], config: ModelConfig, engine_config: EngineConfig = EngineConfig(),
+               *, mesh=None, rules: ShardingRules = DEFAULT_RULES):
+    ec = engine_config
+    self.config, self.ec, self.mesh = config, ec, mesh
+    self.rules = rules
+    self.max_seq_len = int(ec.max_seq_len or config.max_position_embeddings)
+    self.pages_per_seq = -(-self.max_seq_len // ec.page_size)
+    if ec.num_pages is not None:
+      num_pages = ec.num_pages
+    elif ec.kv_budget_bytes is not None:
+      num_pages = pages_for_budget(config, ec.kv_budget_bytes, ec.page_size, ec.kv_dtype)
+    else:  # every slot can hold a full-length sequence
+      num_pages = ec.max_slots * self.pages_per_seq + 1
+    if ec.prefill_chunk & (ec.prefill_chunk - 1) or ec.prefill_chunk < 16:
+      raise ValueError(f"prefill_chunk must be a power of two >= 16, got {ec.prefill_chunk}")
+    self.use_kernel = (jax.default_backend() in ("gpu", "tpu") if ec.attention_kernel is None
+                       else ec.attention_kernel)
+    if mesh is not None:  # quant.param_shardings also covers int8/int4 (QArray) weights
+      params = jax.device_put(params, quant.param_shardings(config, params, mesh, rules))
+    self.params = params
+    self.allocator = PageAllocator(num_pages, ec.page_size, ec.max_slots, self.pages_per_seq, ec.prefix_caching)
+    self._uploaded_version = -1
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("top_n",), donate_argnums=(1,))
+    self._generate = jax.jit(self._generate_fn, static_argnames=("steps",), donate_argnums=(1,))
+    self._insert = jax.jit(_slot_update, donate_argnums=(0,))
+
+  # ---- jitted bodies ----------------------------------------------------------------------------------------
+  def _ctx(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
+
+  def _prefill_fn(self, params, cache, tokens, targets, start, n_valid, table, *, top_n):
+    logits, cache = paged_model.prefill_chunk(params, cache, tokens, start, n_valid, table, config=self.config,
+                                              rules=self.rules)
+    logits = logits[0]  # [C, V]
+    last = jnp.take(logits, n_valid - 1, axis=0)
+    if top_n is None:
+      return cache, last, None
+    return cache, last, sampling.token_logprobs(logits, targets, max(top_n, 1))
+
+  def _generate_fn(self, params, state: DecodeState, *, steps):
+    def step(carry, _):
+      cache, s = carry
+      keys = sampling.request_keys(s.seed, s.step)
+      logits = s.logits
+      if self.ec.sample_vocab is not None and self.ec.sample_vocab < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.ec.sample_vocab, logits, -jnp.inf)
+      token = sampling.sample(logits, keys, s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty,
+                              s.seen)
+      valid = s.active & (s.remaining > 0)
+      token = jnp.where(valid, token, 0)
+      top = sampling.MAX_LOGPROBS
+      all_logprobs = jax.nn.log_softmax(s.logits, axis=-1)
+      logprob = jnp.take_along_axis(all_logprobs, token[:, None], axis=-1)[:, 0]
+      # top_k over the vocabulary only when some slot asked for top logprobs.
+      top_lp, top_ids = jax.lax.cond(
+          jnp.any(s.want_top & valid), lambda: tuple(jax.lax.top_k(all_logprobs, top)),
+          lambda: (jnp.zeros(token.shape + (top,), jnp.float32), jnp.zeros(token.shape + (top,), jnp.int32)))
+      logits, cache = paged_model.decode_step(params, cache, token, s.lengths, state.page_table, valid,
+                                              config=self.config, rules=self.rules, mesh=self.mesh,
+                                              use_kernel=self.use_kernel)
+      stopped = jnp.any(token[:, None] == s.stop_ids, axis=-1)
+      rows = jnp.arange(token.shape[0])
+      inc = valid.astype(jnp.int32)
+      s = dataclasses.replace(
+          s, logits=jnp.where(valid[:, None], logits, s.logits), lengths=s.lengths + inc,
+          remaining=s.remaining - inc, step=s.step + inc, active=valid & ~stopped & (s.remaining > 1),
+          seen=s.seen.at[rows, token].set(s.seen[rows, token] | valid))
+      return (cache, s), (token, valid, logprob, top_ids, top_lp)
+
+    (cache, slots), out = jax.lax.scan(step, (state.cache, state.slots), None, length=steps)
+    return DecodeState(cache, slots, state.page_table), out
+
+  # ---- state ------------------------------------------------------------------------------------------------
+  def init_state(self) -> DecodeState:
+    c, B, V = self.config, self.ec.max_slots, self.config.vocab_size
+    with self._ctx():
+      cache = init_paged_cache(c, self.allocator.num_pages, self.ec.page_size, self.ec.kv_dtype, mesh=self.mesh,
+                               rules=self.rules)
+    zeros = lambda dtype: jnp.zeros((B,), dtype)
+    slots = SlotState(
+        logits=jnp.zeros((B, V), jnp.float32), lengths=zeros(jnp.int32), active=zeros(bool),
+        remaining=zeros(jnp.int32), step=zeros(jnp.int32), seed=zeros(jnp.uint32), temperature=zeros(jnp.float32),
+        top_k=zeros(jnp.int32), top_p=jnp.ones((B,), jnp.float32), min_p=zeros(jnp.float32),
+        repetition_penalty=jnp.ones((B,), jnp.float32), want_top=zeros(bool), seen=jnp.zeros((B, V), bool),
+        stop_ids=jnp.full((B, sampling.MAX_STOP_IDS), -1, jnp.int32))
+    self._uploaded_version = self.allocator.version
+    return DecodeState(cache, slots, jnp.array(self.allocator.page_table, copy=True))
+
+  def _sync_table(self, state: DecodeState) -> DecodeState:
+    if self._uploaded_version == self.allocator.version:
+      return state
+    self._uploaded_version = self.allocator.version
+    # A copy: the host table keeps changing while the device may still be reading this one.
+    return dataclasses.replace(state, page_table=jnp.array(self.allocator.page_table, copy=True))
+
+  @property
+  def max_request_tokens(self) -> int:
+    """Longest prompt + output one request can have: the context length, or less when the pool is smaller."""
+    return min(self.max_seq_len, self.allocator.max_tokens_per_seq)
+
+  # ---- JetStream contract -----------------------------------------------------------------------------------
+  def check_request(self, prompt: Sequence[int], max_tokens: int) -> None:
+    """Raises RequestTooLargeError when a request can never be served: empty prompt, ids outside the vocabulary,
+    prompt + output past the context length or past what the page pool can hold for one sequence."""
+    if len(prompt) == 0:
+      raise RequestTooLargeError("the prompt is empty")
+    V = self.config.vocab_size
+    if any(not 0 <= int(t) < V for t in prompt):
+      raise RequestTooLargeError(f"prompt token ids must lie in [0, {V})")
+    total = len(prompt) + max(max_tokens, 1)
+    if total > self.max_seq_len:
+      raise RequestTooLargeError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+                                 f"the context length {self.max_seq_len}")
+    self.allocator.check_fits(total)
+
+  def prefill(self, state: DecodeState, tokens: Sequence[int], *, prompt_logprobs: int | None = None
+              ) -> tuple[DecodeState, Prefix]:
+    """Writes the prompt's keys/values into newly taken pages (reusing cached prefix pages) -> Prefix.
+
+    Long prompts run in chunks of at most `prefill_chunk` tokens. With `prompt_logprobs` N every prompt token
+    after the first is scored (so no prefix-cache hit is used). CacheFullError when the pool is short now.
+    """
+    tokens = [int(t) for t in tokens]
+    T, ps, alloc = len(tokens), self.ec.page_size, self.allocator
+    if T == 0:
+      raise RequestTooLargeError("the prompt is empty")
+    if any(not 0 <= t < self.config.vocab_size for t in tokens):
+      raise RequestTooLargeError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
+    alloc.check_fits(T + 1)
+    hashes = page_hashes(tokens, ps)
+    # At least the last prompt token is always computed: its logits give the first output token.
+    shared = [] if prompt_logprobs is not None else alloc.match_prefix(hashes, (T - 1) // ps)
+    try:
+      fresh = alloc.allocate(alloc.pages_for(T) - len(shared))
+    except CacheFullError:
+      alloc.release(shared)
+      raise
+    pages = shared + fresh
+    cache, start, scored = state.cache, len(shared) * ps, []
+    try:
+      while start < T:
+        n = min(self.ec.prefill_chunk, T - start)
+        C = max(16, _next_pow2(n))
+        ctx = min(_next_pow2(alloc.pages_for(start + C)), self.pages_per_seq)
+        chunk = np.full((1, C), self.config.pad_token_id, np.int32)
+        chunk[0, :n] = tokens[start:start + n]
+        targets = np.zeros((C,), np.int32)
+        following = tokens[start + 1:start + n + 1]
+        targets[:len(following)] = following
+        table = np.zeros((ctx,), np.int32)
+        table[:min(len(pages), ctx)] = pages[:ctx]
+        with self._ctx():
+          cache, last, lp = self._prefill(self.params, cache, jnp.asarray(chunk), jnp.asarray(targets),
+                                          jnp.int32(start), jnp.int32(n), jnp.asarray(table), top_n=prompt_logprobs)
+        if lp is not None:
+          lp = jax.device_get(lp)
+          scored += [(float(lp[0][i]), lp[1][i, :prompt_logprobs].tolist(), lp[2][i, :prompt_logprobs].tolist())
+                     for i in range(len(following))]
+        start += n
+    except BaseException:
+      alloc.release(pages)
+      raise
+    finally:
+      state = dataclasses.replace(state, cache=cache)
+    for i in range(len(shared), T // ps):
+      alloc.register(pages[i], hashes[i])
+    return state, Prefix(tokens, pages, last, len(shared) * ps, scored if prompt_logprobs is not None else None)
+
+  def release(self, prefix: Prefix) -> None:
+    """Gives back a prefix's pages when it will not be inserted."""
+    self.allocator.release(prefix.pages)
+    prefix.pages = []
+
+  def insert(self, prefix: Prefix, state: DecodeState, slot: int, params: sampling.SamplingParams,
+             stop_ids: Sequence[int], *, seed: int, generated: Sequence[int] = ()) -> DecodeState:
+    """Moves a prefix into an empty slot with its sampling parameters. `generated` (tokens a preempted request
+    already produced, now part of the prefix) keeps its sampling key sequence and token budget going."""
+    B, V = self.ec.max_slots, self.config.vocab_size
+    if not 0 <= slot < B:
+      raise ValueError(f"slot {slot} out of range [0, {B})")
+    chex.assert_shape(prefix.logits, (V,))
+    self.allocator.assign(slot, prefix.pages, len(prefix.tokens))
+    seen = np.zeros((V,), bool)
+    if params.repetition_penalty != 1.0:
+      seen[np.asarray(prefix.tokens, np.int64)] = True
+    stop_row = np.full((sampling.MAX_STOP_IDS,), -1, np.int32)
+    stop_row[:len(stop_ids)] = stop_ids
+    top_k = 0 if params.top_k < 0 else params.top_k
+    # Fixed numpy dtypes, so a Python int where a float is expected does not retrace the update.
+    row = dict(logits=prefix.logits, lengths=np.int32(len(prefix.tokens)),
+               active=np.bool_(params.max_tokens > len(generated)),
+               remaining=np.int32(params.max_tokens - len(generated)), step=np.int32(len(generated)),
+               seed=np.uint32(seed % 2 ** 32), temperature=np.float32(params.temperature), top_k=np.int32(top_k),
+               top_p=np.float32(params.top_p), min_p=np.float32(params.min_p),
+               repetition_penalty=np.float32(params.repetition_penalty), want_top=np.bool_(bool(params.logprobs)),
+               seen=seen, stop_ids=stop_row)
+    prefix.pages = []  # the slot owns them now
+    with self._ctx():
+      slots = self._insert(state.slots, jnp.int32(slot), row)
+    return dataclasses.replace(state, slots=slots)
+
+  def reserve(self, slot: int, num_tokens: int) -> None:
+    """Pages for `num_tokens` more tokens in `slot` before a generate call (CacheFullError if short)."""
+    self.allocator.reserve(slot, int(self.allocator.lengths[slot]) + num_tokens)
+
+  def generate(self, state: DecodeState, steps: int | None = None) -> tuple[DecodeState, StepResult]:
+    """`steps` (default steps_per_call) decode steps for every active slot, one device-to-host copy."""
+    steps = steps or self.ec.steps_per_call
+    state = self._sync_table(state)
+    with self._ctx():
+      state, out = self._generate(self.params, state, steps=steps)
+    tokens, valid, logprob, top_ids, top_lp = jax.device_get(out)
+    self.allocator.lengths += valid.sum(axis=0).astype(np.int32)
+    return state, StepResult(tokens, valid, logprob, top_ids, top_lp)
+
+  def free(self, state: DecodeState, slot: int) -> DecodeState:
+    """Ends a slot's sequence: its pages go back to the pool at once and it stops decoding."""
+    self.allocator.free_slot(slot)
+    with self._ctx():
+      slots = self._insert(state.slots, jnp.int32(slot), dict(active=np.bool_(False), remaining=np.int32(0)))
+    return dataclasses.replace(state, slots=slots)
+
+
+class _nullcontext:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
+
+
+__all__ = ["CacheFullError", "DecodeState", "Engine", "EngineConfig", "Prefix", "RequestTooLargeError",
+           "StepResult"]

@@ -1,0 +1,103 @@
+"""Loading a model for serving: checkpoint folder detection, tokenizer lookup, mesh and KV-cache sizing.
+
+Shared by experiments/serve.py and experiments/chat.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+
+from internlm_jax.config import ModelConfig, get_preset
+from internlm_jax.hf_io import load_hf_checkpoint
+from internlm_jax.model import init_params
+from internlm_jax.params_io import CONFIG_FILE, load_params_checkpoint
+from internlm_jax.quant import nbytes as quant_nbytes
+from internlm_jax.quant import quantize_params
+from internlm_jax.serve.engine import Engine, EngineConfig
+from internlm_jax.serve.kv_cache import bytes_per_page
+from internlm_jax.sharding import make_mesh
+from internlm_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def find_tokenizer(checkpoint: str | None, tokenizer: str | None) -> Tokenizer:
+  for candidate in (tokenizer, checkpoint and os.path.join(checkpoint, "tokenizer.model")):
+    if candidate and os.path.exists(candidate):
+      return Tokenizer(candidate)
+  raise FileNotFoundError(f"no tokenizer: {checkpoint!r} has no tokenizer.model; pass --tokenizer=FILE.model")
+
+
+def serving_mesh(tensor: int):
+  """A mesh with only the tensor axis (tensor parallel over kv heads) on the first `tensor` devices."""
+  if tensor <= 1:
+    return None
+  devices = jax.devices()
+  if len(devices) < tensor:
+    raise ValueError(f"--tensor={tensor} needs {tensor} devices, {len(devices)} available")
+  return make_mesh(data=1, fsdp=1, tensor=tensor, sequence=1, devices=devices[:tensor])
+
+
+def load_model(checkpoint: str | None, *, preset: str | None = None, mesh=None, dtype: str | None = None,
+               quant: str | None = None, seed: int = 0) -> tuple[ModelConfig, dict]:
+  """(config, params) from an HF InternLM2 folder (config.json + safetensors) or a params checkpoint folder
+  (model_config.json + params/); with `preset` and no checkpoint, random weights (benchmarks, smoke tests).
+  `quant` "int8" (per channel) or "int4" (group-wise) quantizes the matmul weights (see quant.py)."""
+  config, params = _load(checkpoint, preset, mesh, dtype, seed)
+  if quant:
+    params = quantize_params(params, quant)
+    log.info("weights quantized to %s: %.2f GiB", quant, quant_nbytes(params) / 2**30)
+  return config, params
+
+
+def _load(checkpoint, preset, mesh, dtype, seed):
+  if checkpoint is None:
+    if preset is None:
+      raise ValueError("pass --checkpoint=DIR (HF InternLM2 folder or params checkpoint) or --preset=NAME")
+    config = get_preset(preset)
+    if dtype:
+      config = config.replace(dtype=dtype, param_dtype=dtype)
+    return config, init_params(config, jax.random.key(seed), mesh=mesh)
+  if os.path.isfile(os.path.join(checkpoint, "config.json")):
+    config, params = load_hf_checkpoint(checkpoint, mesh=mesh, dtype=dtype)
+  elif os.path.isfile(os.path.join(checkpoint, CONFIG_FILE)):
+    config, params = load_params_checkpoint(checkpoint, mesh=mesh)
+  else:
+    raise FileNotFoundError(f"{checkpoint}: neither an HF InternLM2 folder (config.json) nor a params checkpoint "
+                            f"({CONFIG_FILE}); convert training checkpoints with experiments/convert.py")
+  if dtype:  # compute in the weights' dtype
+    config = config.replace(dtype=dtype)
+  elif config.param_dtype != config.dtype:
+    config = config.replace(dtype=config.param_dtype)
+  return config, params
+
+
+def kv_budget_bytes(fraction: float, tensor: int) -> int | None:
+  """`fraction` of the first device's free memory, times the devices the pages are split over; None on
+  backends that do not report memory (CPU), where the engine sizes the pool for full-length slots."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  return int(free * fraction) * max(tensor, 1)
+
+
+def build_engine(config: ModelConfig, params, engine_config: EngineConfig, *, mesh=None, tensor: int = 1,
+                 kv_fraction: float = 0.8) -> Engine:
+  ec = engine_config
+  if ec.num_pages is None and ec.kv_budget_bytes is None:
+    budget = kv_budget_bytes(kv_fraction, tensor)
+    if budget is not None:
+      max_len = ec.max_seq_len or config.max_position_embeddings
+      full = ec.max_slots * -(-max_len // ec.page_size) + 1
+      per_page = bytes_per_page(config, ec.page_size, ec.kv_dtype)
+      ec = dataclasses.replace(ec, num_pages=max(2, min(full, budget // per_page)))
+  engine = Engine(params, config, ec, mesh=mesh)
+  alloc = engine.allocator
+  log.info("KV cache: %d pages of %d tokens (%.2f GiB), %d slots, context %d", alloc.num_pages, ec.page_size,
+           alloc.num_pages * bytes_per_page(config, ec.page_size, ec.kv_dtype) / 2**30, ec.max_slots,
+           engine.max_seq_len)
+  return engine

@@ -1,0 +1,175 @@
+"""InternLM2 forward passes over the paged KV cache, built from model.py's weights and helpers.
+
+Shapes: B slots, C chunk tokens, E embed, V vocab, H query heads, K kv heads, G = H / K, D head_dim,
+P pages, ps page_size, pps pages per sequence (page-table width), n context pages gathered for a prefill chunk.
+
+  prefill_chunk: tokens [1, C] of one sequence at positions start .. start + C - 1 (the first n_valid real, the
+                 rest padding), table [n] that sequence's first n pages -> logits [1, C, V], cache
+  decode_step:   tokens [B] one per slot, lengths [B], page_table [B, pps], active [B] -> logits [B, V], cache
+
+Numerics follow model._block exactly (same einsums, dtypes and rope), so paged logits equal `model.forward`.
+Idle slots and padding tokens write their keys/values to the scratch page 0 and attend to nothing.
+"""
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from internlm_jax import attention as attention_lib
+from internlm_jax import layers
+from internlm_jax.config import ModelConfig
+from internlm_jax.model import _embed, _head
+from internlm_jax.serve.kv_cache import SCRATCH_PAGE, PagedKVCache
+from internlm_jax.sharding import ShardingRules, constrain
+from kernels.paged_attention_reference import paged_attention_reference, quantize_kv
+
+
+def _layer(params, i: int):
+  return jax.tree.map(lambda w: w[i], params["layers"])
+
+
+def _qkv(x, layer, config: ModelConfig, cos, sin, rules):
+  """Pre-norm and fused projection, then rope: q [B, T, K, G, D], k and v [B, T, K, D]."""
+  dtype = jnp.dtype(config.dtype)
+  G = config.q_per_kv
+  h = layers.rms_norm(x, layer["attention_norm"], config.rms_norm_eps)
+  qkv = jnp.einsum("bte,ekgd->btkgd", h, layer["wqkv"].astype(dtype))
+  q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
+  q = layers.apply_rope(q, cos, sin)
+  k = layers.apply_rope(k, cos, sin)
+  q = constrain(q, ("batch", "seq", "kv_heads", None, "head_dim"), rules)
+  return q, k, v
+
+
+def _finish(x, out, layer, config: ModelConfig, rules):
+  """Output projection of attention `out` [B, T, H, D], residual, then the SwiGLU half of the block."""
+  dtype = jnp.dtype(config.dtype)
+  x = x + jnp.einsum("bthd,hde->bte", out, layer["wo"].astype(dtype))
+  x = constrain(x, ("batch", "seq", "embed"), rules)
+  h = layers.rms_norm(x, layer["ffn_norm"], config.rms_norm_eps)
+  h = constrain(h, ("batch", "seq", "embed"), rules)
+  x = x + layers.swiglu(h, layer["w1"].astype(dtype), layer["w3"].astype(dtype), layer["w2"].astype(dtype))
+  return constrain(x, ("batch", "seq", "embed"), rules)
+
+
+def _write(cache: PagedKVCache, i: int, k, v, page_ids, offsets) -> PagedKVCache:
+  """Stores k, v [N, K, D] at (page_ids[n], offsets[n]) of layer i (quantizing per token for int8 pages)."""
+  def put(pages, new):
+    return pages.at[:, page_ids, offsets].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype))
+
+  ks, vs = list(cache.k), list(cache.v)
+  if cache.quantized:
+    (kq, k_scale), (vq, v_scale) = quantize_kv(k), quantize_kv(v)
+    kss, vss = list(cache.k_scale), list(cache.v_scale)
+    ks[i], vs[i] = put(ks[i], kq), put(vs[i], vq)
+    kss[i], vss[i] = put(kss[i], k_scale), put(vss[i], v_scale)
+    return PagedKVCache(tuple(ks), tuple(vs), tuple(kss), tuple(vss))
+  ks[i], vs[i] = put(ks[i], k), put(vs[i], v)
+  return PagedKVCache(tuple(ks), tuple(vs), cache.k_scale, cache.v_scale)
+
+
+def _gather(cache: PagedKVCache, i: int, table, num_tokens, dtype):
+  """Dense k, v [1, n * ps, K, D] of one sequence's first n pages; slots at or past num_tokens are zeroed so
+  whatever a stale or scratch page holds cannot reach the output (0 * NaN would)."""
+  def dense(pages, scales):
+    x = pages[:, table]  # [K, n, ps, D]
+    if scales is not None:
+      x = x.astype(jnp.float32) * scales[:, table][..., None]
+    K, n, ps, D = x.shape
+    x = jnp.transpose(x, (1, 2, 0, 3)).reshape(1, n * ps, K, D)
+    keep = jnp.arange(n * ps) < num_tokens
+    return jnp.where(keep[None, :, None, None], x, 0).astype(dtype)
+
+  quantized = cache.quantized
+  return (dense(cache.k[i], cache.k_scale[i] if quantized else None),
+          dense(cache.v[i], cache.v_scale[i] if quantized else None))
+
+
+def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *, config: ModelConfig,
+                  rules: ShardingRules | None):
+  """Appends one chunk of a sequence to its pages and returns (logits [1, C, V] float32, cache).
+
+  Queries see every earlier position of the sequence (cached prefix pages, earlier chunks) and the chunk itself
+  causally. The dynamic-NTK base follows the length reached at the end of the chunk, as the dense cache does.
+  """
+  chex.assert_rank([tokens, table], [2, 1])
+  chex.assert_axis_dimension(tokens, 0, 1)
+  C = tokens.shape[1]
+  ps = cache.page_size
+  dtype = jnp.dtype(config.dtype)
+  t = jnp.arange(C, dtype=jnp.int32)
+  positions = (start + t)[None, :]
+  valid = t < n_valid
+  end = start + n_valid
+  cos, sin = layers.rope_angles(config, positions, end)
+  page_ids = jnp.where(valid, table[jnp.minimum(positions[0] // ps, table.shape[0] - 1)], SCRATCH_PAGE)
+  offsets = jnp.where(valid, positions[0] % ps, 0)
+  # Past a few thousand context slots the dense score matrix [C, n * ps] per head gets large: the blockwise
+  # kernel reads only the kv blocks up to the chunk's last position.
+  long_context = table.shape[0] * ps > 2048
+  impl = "blockwise" if config.attention_impl == "blockwise" or long_context else "xla"
+  options = {"block_size": config.attention_block_size} if impl == "blockwise" else {}
+  x = _embed(params, tokens, config, rules)
+  for i in range(config.num_layers):
+    layer = _layer(params, i)
+    q, k, v = _qkv(x, layer, config, cos, sin, rules)
+    cache = _write(cache, i, k[0], v[0], page_ids, offsets)
+    kc, vc = _gather(cache, i, table, end, dtype)
+    out = attention_lib.attend(q, kc, vc, positions, impl=impl, **options)
+    x = _finish(x, out.reshape(1, C, config.num_heads, config.head_dim), layer, config, rules)
+  return _head(params, x, config, rules), cache
+
+
+def _decode_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale, *, use_kernel: bool):
+  if use_kernel:
+    from kernels.paged_attention import paged_attention
+    return paged_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale)
+  return paged_attention_reference(q, k_pages, v_pages, table, lengths, k_scale, v_scale)
+
+
+def decode_attention(q, cache: PagedKVCache, i: int, table, lengths, *, use_kernel: bool, mesh=None,
+                     rules: ShardingRules | None = None):
+  """q [B, H, D] over layer i's pages -> [B, H, D]. On a mesh whose kv-head axis is split, each device runs the
+  attention of its own heads (shard_map): queries of kv group k are heads k*G .. k*G + G - 1, so splitting H and
+  K the same way keeps every group with its keys."""
+  scales = (cache.k_scale[i], cache.v_scale[i]) if cache.quantized else (None, None)
+  fn = functools.partial(_decode_attention, use_kernel=use_kernel)
+  axis = None if rules is None else rules.kv_heads
+  if mesh is None or axis is None or all(mesh.shape[a] == 1 for a in ((axis,) if isinstance(axis, str) else axis)):
+    return fn(q, cache.k[i], cache.v[i], table, lengths, *scales)
+  heads, pages, scale = P(None, axis, None), P(axis, None, None, None), P(axis, None, None)
+  scale_specs = (scale, scale) if cache.quantized else (None, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(heads, pages, pages, P(), P()) + scale_specs, out_specs=heads,
+                       check_vma=False)(q, cache.k[i], cache.v[i], table, lengths, *scales)
+
+
+def decode_step(params, cache: PagedKVCache, tokens, lengths, page_table, active, *, config: ModelConfig,
+                rules: ShardingRules | None, mesh=None, use_kernel: bool = False):
+  """One token per slot: writes its key/value at position lengths[b] and returns (logits [B, V], cache).
+
+  Inactive slots write to the scratch page and attend to nothing; their logits are meaningless.
+  """
+  chex.assert_rank([tokens, lengths, page_table, active], [1, 1, 2, 1])
+  B = tokens.shape[0]
+  chex.assert_shape([lengths, active], (B,))
+  chex.assert_axis_dimension(page_table, 0, B)
+  ps = cache.page_size
+  positions = lengths[:, None]
+  cos, sin = layers.rope_angles(config, positions, lengths + 1)
+  rows = jnp.arange(B)
+  page_ids = jnp.where(active, page_table[rows, jnp.minimum(lengths // ps, page_table.shape[1] - 1)], SCRATCH_PAGE)
+  offsets = jnp.where(active, lengths % ps, 0)
+  attend_len = jnp.where(active, lengths + 1, 0)
+  x = _embed(params, tokens[:, None], config, rules)
+  for i in range(config.num_layers):
+    layer = _layer(params, i)
+    q, k, v = _qkv(x, layer, config, cos, sin, rules)
+    cache = _write(cache, i, k[:, 0], v[:, 0], page_ids, offsets)
+    q = q.reshape(B, config.num_heads, config.head_dim)
+    out = decode_attention(q, cache, i, page_table, attend_len, use_kernel=use_kernel, mesh=mesh, rules=rules)
+    x = _finish(x, out.reshape(B, 1, config.num_heads, config.head_dim), layer, config, rules)
+  return _head(params, x, config, rules)[:, 0], cache

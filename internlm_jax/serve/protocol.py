@@ -1,0 +1,204 @@
+"""OpenAI wire format: request models (pydantic), errors, and the builders of logprobs and tool-call fields.
+
+Requests reject unknown fields (a typo must not be silently ignored) and parameters we do not implement
+(n > 1, non-zero presence/frequency penalties, logit_bias, suffix, JSON response formats) with a 400 that names
+the parameter, rather than answering something the client did not ask for.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from internlm_jax.serve.sampling import MAX_LOGPROBS, SamplingParams
+from internlm_jax.serve.scheduler import TokenInfo
+
+
+class APIError(Exception):
+  """An error answered as OpenAI JSON: {"error": {"message", "type", "param", "code"}}."""
+
+  def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+  def body(self) -> dict[str, Any]:
+    return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+  return {"object": "error", "error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def new_id(prefix: str) -> str:
+  return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class _Strict(BaseModel):
+  model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+  include_usage: bool = False
+
+
+class _Common(_Strict):
+  model: str
+  max_tokens: int | None = Field(None, ge=0)
+  temperature: float | None = Field(None, ge=0, le=100)
+  top_p: float | None = Field(None, gt=0, le=1)
+  top_k: int | None = Field(None, ge=-1)
+  min_p: float | None = Field(None, ge=0, le=1)
+  repetition_penalty: float | None = Field(None, gt=0, le=10)
+  presence_penalty: float | None = Field(None, ge=-2, le=2)
+  frequency_penalty: float | None = Field(None, ge=-2, le=2)
+  stop: Union[str, list[str], None] = None
+  stop_token_ids: list[int] | None = None
+  ignore_eos: bool = False
+  skip_special_tokens: bool = True
+  seed: int | None = Field(None, ge=0, lt=2 ** 63)
+  n: int = Field(1, ge=1)
+  stream: bool = False
+  stream_options: StreamOptions | None = None
+  user: str | None = None
+  logit_bias: dict[str, float] | None = None
+
+  def check_supported(self) -> None:
+    if self.n != 1:
+      raise APIError(400, "only n=1 is supported", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+      if getattr(self, name):
+        raise APIError(400, f"{name} is not supported; use repetition_penalty", param=name)
+    if self.logit_bias:
+      raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if self.stream_options is not None and not self.stream:
+      raise APIError(400, "stream_options needs stream=true", param="stream_options")
+
+  def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+               extra_stop_ids: tuple[int, ...] = (), skip_special_tokens: bool | None = None) -> SamplingParams:
+    stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+        top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, min_p=self.min_p or 0.0,
+        repetition_penalty=self.repetition_penalty or 1.0, stop=stop,
+        stop_token_ids=tuple(self.stop_token_ids or ()) + extra_stop_ids, ignore_eos=self.ignore_eos,
+        seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
+
+
+class CompletionRequest(_Common):
+  prompt: Union[str, list[str], list[int], list[list[int]]]
+  echo: bool = False
+  logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+  suffix: str | None = None
+  best_of: int | None = Field(None, ge=1, le=1)
+
+  def check_supported(self) -> None:
+    super().check_supported()
+    if self.suffix:
+      raise APIError(400, "suffix is not supported", param="suffix")
+
+
+class FunctionName(_Strict):
+  name: str
+
+
+class NamedToolChoice(_Strict):
+  type: Literal["function"] = "function"
+  function: FunctionName
+
+
+class ResponseFormat(BaseModel):
+  type: str
+
+
+class ChatRequest(_Common):
+  messages: list[dict[str, Any]] = Field(min_length=1)
+  tools: list[dict[str, Any]] | None = None
+  tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+  parallel_tool_calls: bool | None = None
+  logprobs: bool = False
+  top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+  max_completion_tokens: int | None = Field(None, ge=0)
+  response_format: ResponseFormat | None = None
+
+  def check_supported(self) -> None:
+    super().check_supported()
+    if self.top_logprobs is not None and not self.logprobs:
+      raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    if self.response_format is not None and self.response_format.type != "text":
+      raise APIError(400, f"response_format {self.response_format.type!r} is not supported (only 'text')",
+                     param="response_format")
+    if self.tool_choice not in (None, "none") and not self.tools:
+      raise APIError(400, "tool_choice needs tools", param="tool_choice")
+
+
+# ---- response pieces ------------------------------------------------------------------------------------------
+class TokenText:
+  """Text of single tokens for logprobs fields (ids past the tokenizer's vocabulary show as '')."""
+
+  def __init__(self, tokenizer):
+    self._tok, self._cache = tokenizer, {}
+
+  def __call__(self, token_id: int) -> str:
+    text = self._cache.get(token_id)
+    if text is None:
+      ok = 0 <= token_id < self._tok.vocab_size
+      text = self._cache[token_id] = self._tok.decode([token_id]) if ok else ""
+    return text
+
+
+def completion_logprobs(tokens: list[TokenInfo], token_text: TokenText, first_has_none: bool = False,
+                        offset: int = 0) -> dict[str, list]:
+  """The legacy completions `logprobs` object; with echo the first prompt token has no logprob (None)."""
+  out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+  for i, info in enumerate(tokens):
+    text = token_text(info.token_id)
+    out["tokens"].append(text)
+    out["text_offset"].append(offset)
+    offset += len(text)
+    if first_has_none and i == 0:
+      out["token_logprobs"].append(None)
+      out["top_logprobs"].append(None)
+      continue
+    out["token_logprobs"].append(info.logprob)
+    top = {}
+    for tid, lp in info.top or []:
+      top.setdefault(token_text(tid), lp)
+    out["top_logprobs"].append(top)
+  return out
+
+
+def chat_logprobs(tokens: list[TokenInfo], token_text: TokenText) -> dict[str, list]:
+  def entry(tid, lp):
+    text = token_text(tid)
+    return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+  return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top or []]}
+                      for t in tokens]}
+
+
+def openai_tool_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+  """OpenAI `tool_calls` from `parse_assistant` calls, plus the raw text of malformed ones (kept as content).
+
+  An interpreter call becomes a call of the function "interpreter" with arguments {"code": ...}.
+  """
+  out, leftover = [], []
+  for call in calls:
+    if call.get("error"):
+      leftover.append(call.get("raw", ""))
+      continue
+    if call["type"] == "interpreter":
+      name, args = "interpreter", {"code": call["code"]}
+    else:
+      name, args = call["name"], call["arguments"]
+    out.append({"id": new_id("call"), "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
+  return out, "\n".join(leftover)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}

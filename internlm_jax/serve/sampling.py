@@ -1,0 +1,187 @@
+"""Sampling: per-request parameters (host), the batched sampler (device) and incremental detokenization with
+stop strings (host).
+
+Shapes: B slots, V vocab, N top logprobs returned.
+
+Order of logits processing (as vLLM and HF): repetition penalty on every token seen (prompt and output),
+temperature, top-k, top-p, min-p, then a draw with the request's own key. Temperature 0 is greedy. The key of a
+request's j-th token is fold_in(key(seed), j): it depends on nothing else in the batch, so a seeded request
+gives the same tokens whichever requests run beside it. Reported logprobs are those of the model's own
+distribution (log_softmax of the raw logits), which is what scoring harnesses expect.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+
+MAX_STOP_IDS = 16  # stop token ids per request (a static width on device)
+MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+
+
+class SamplingError(ValueError):
+  """A sampling parameter is out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """What one request asks of generation. `stop_token_ids` None means the tokenizer's defaults (`</s>`,
+  `<|im_end|>`); extra ids add to them. `ignore_eos` drops the defaults (benchmarks). `logprobs` N returns
+  the chosen token's logprob and the N most likely (0: only the chosen one; None: none)."""
+  max_tokens: int = 16
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  repetition_penalty: float = 1.0
+  stop: tuple[str, ...] = ()
+  stop_token_ids: tuple[int, ...] = ()
+  ignore_eos: bool = False
+  seed: int | None = None
+  logprobs: int | None = None
+  prompt_logprobs: int | None = None
+  skip_special_tokens: bool = True
+
+  def validate(self, vocab_size: int) -> "SamplingParams":
+    def need(ok, message):
+      if not ok:
+        raise SamplingError(message)
+    need(isinstance(self.max_tokens, int) and self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")
+    need(0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}")
+    need(self.top_k >= 0 or self.top_k == -1, f"top_k must be >= 0 (0 or -1: off), got {self.top_k}")
+    need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+    need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+    need(0.0 < self.repetition_penalty <= 10.0,
+         f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+    need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+    need(len(self.stop) <= 16, f"at most 16 stop strings, got {len(self.stop)}")
+    need(all(0 <= int(t) < vocab_size for t in self.stop_token_ids),
+         f"stop_token_ids must be token ids in [0, {vocab_size})")
+    need(self.seed is None or 0 <= self.seed < 2 ** 63, f"seed must be a non-negative integer, got {self.seed}")
+    for name in ("logprobs", "prompt_logprobs"):
+      n = getattr(self, name)
+      need(n is None or 0 <= n <= MAX_LOGPROBS, f"{name} must be in [0, {MAX_LOGPROBS}], got {n}")
+    return self
+
+  def stop_ids(self, default_ids: Sequence[int]) -> tuple[int, ...]:
+    ids = tuple(dict.fromkeys(((() if self.ignore_eos else tuple(default_ids)) + tuple(self.stop_token_ids))))
+    if len(ids) > MAX_STOP_IDS:
+      raise SamplingError(f"at most {MAX_STOP_IDS} stop token ids, got {len(ids)}")
+    return ids
+
+
+# ---- device -----------------------------------------------------------------------------------------------------
+def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+  """Key of each row's next token: fold_in(key(seed), tokens generated so far). seeds uint32 [B], steps [B]."""
+  return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+  """HF's rule on logits [B, V] for tokens in seen [B, V]: divide positive logits by penalty, multiply negative."""
+  p = penalty[:, None]
+  return jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+
+
+def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Masks (to -inf) all but each row's top_k logits and then the smallest set whose probability reaches top_p."""
+  V = scaled.shape[-1]
+  ranked = -jnp.sort(-scaled, axis=-1)  # descending
+  rank = jnp.arange(V)[None, :]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]
+  in_k = rank < k
+  probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens: the best is always kept
+  keep = in_k & (before < top_p[:, None])
+  last = jnp.sum(keep, axis=-1, keepdims=True) - 1
+  threshold = jnp.take_along_axis(ranked, last, axis=-1)
+  return jnp.where(scaled < threshold, -jnp.inf, scaled)
+
+
+def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+           min_p: jax.Array, repetition_penalty: jax.Array, seen: jax.Array) -> jax.Array:
+  """Next token [B] int32 from logits [B, V] float32 with per-row parameters [B] and keys [B]."""
+  chex.assert_rank(logits, 2)
+  B = logits.shape[0]
+  chex.assert_shape([temperature, top_k, top_p, min_p, repetition_penalty], (B,))
+  logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+  greedy = temperature <= 0.0
+  scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+  # The sort costs O(V log V) per row: skip it when no row filters by top-k or top-p.
+  needs_sort = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
+  scaled = jax.lax.cond(needs_sort, _top_k_top_p, lambda s, k, p: s, scaled, top_k, top_p)
+  probs = jax.nn.softmax(scaled, axis=-1)
+  scaled = jnp.where(probs < min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, scaled)
+  drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+  return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, top_n: int):
+  """(logprob of tokens [B], top ids [B, N], top logprobs [B, N]) under log_softmax(logits [B, V])."""
+  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+  top_lp, top_ids = jax.lax.top_k(logprobs, top_n)
+  return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+# ---- host: text and stop strings ------------------------------------------------------------------------------
+class TextStream:
+  """Turns generated ids into text deltas, stopping at the first stop string.
+
+  Decoding a growing id list piecewise can split a multi-byte character or change a piece's leading space, so
+  each step decodes a short window (from the last fully released id) and releases only the new, complete part.
+  Text that could be the start of a stop string is held back until it is known not to be one.
+  """
+
+  def __init__(self, tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True):
+    self._tok = tokenizer
+    self._stop = tuple(stop)
+    self._skip = skip_special_tokens
+    self._ids: list[int] = []
+    self._prefix = 0  # window start in ids
+    self._read = 0  # ids[:read] are fully in self.text
+    self.text = ""  # decoded so far (cut at a stop string once one is found)
+    self._released = 0
+    self.stopped = False
+
+  def _decode(self, ids):
+    # A model vocabulary padded past the tokenizer's has ids with no text: they decode to nothing.
+    size = self._tok.vocab_size
+    return self._tok.decode([i for i in ids if i < size], skip_special_tokens=self._skip)
+
+  def append(self, token_ids: Sequence[int]) -> str:
+    """Adds ids and returns the newly releasable text ('' while held back)."""
+    if self.stopped:
+      return ""
+    self._ids.extend(int(t) for t in token_ids)
+    before = self._decode(self._ids[self._prefix:self._read])
+    window = self._decode(self._ids[self._prefix:])
+    if window.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+      return self._release(final=False)
+    search_from = max(0, len(self.text) - max((len(s) for s in self._stop), default=0))
+    self.text += window[len(before):]
+    self._prefix, self._read = self._read, len(self._ids)
+    for s in self._stop:
+      at = self.text.find(s, search_from)
+      if at >= 0:
+        self.text = self.text[:at]
+        self.stopped = True
+    return self._release(final=self.stopped)
+
+  def finish(self) -> str:
+    """The held-back tail once generation has ended."""
+    return self._release(final=True)
+
+  def _release(self, final: bool) -> str:
+    end = len(self.text)
+    if not final:
+      for s in self._stop:  # keep back any tail that is a proper prefix of a stop string
+        for n in range(min(len(s) - 1, end - self._released), 0, -1):
+          if self.text.endswith(s[:n]):
+            end = min(end, len(self.text) - n)
+            break
+    out = self.text[self._released:end]
+    self._released = max(self._released, end)
+    return out

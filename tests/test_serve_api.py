@@ -1,0 +1,258 @@
+"""OpenAI-compatible HTTP API: routes, echo/logprobs scoring, streaming, tool calls, and 4xx (never 500) for bad
+input. A tiny random model behind a real scheduler; tool-call mapping also through a scripted scheduler."""
+import contextlib
+import importlib.util
+import json
+import os
+import threading
+import time
+import types
+
+import httpx
+import uvicorn
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from internlm_jax import forward
+from internlm_jax.serve.api import create_app
+from internlm_jax.serve.engine import Engine, EngineConfig
+from internlm_jax.serve.sampling import SamplingParams
+from internlm_jax.serve.scheduler import Delta, Finished, Scheduler, ServerBusyError, TokenInfo
+from internlm_jax.serve.testing import tiny_model, tiny_tokenizer
+
+MODEL = "tiny-internlm2"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  config, params = tiny_model()
+  tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+  ec = EngineConfig(max_slots=2, max_seq_len=160, page_size=8, prefill_chunk=32, steps_per_call=4,
+                    sample_vocab=tok.vocab_size)
+  sched = Scheduler(Engine(params, config, ec), tok, max_queue=4).start()
+  with TestClient(create_app(sched, tok, MODEL), raise_server_exceptions=False) as client:
+    yield client, sched, tok, (config, params)
+  sched.stop()
+
+
+@contextlib.contextmanager
+def live_server(app):
+  """uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  while not server.started:
+    time.sleep(0.01)
+  port = server.servers[0].sockets[0].getsockname()[1]
+  try:
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    server.should_exit = True
+    thread.join()
+
+
+def post(client, path, body):
+  r = client.post(path, json=body)
+  return r.status_code, r.json()
+
+
+def test_models_and_health(setup):
+  client, *_ = setup
+  assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+  health = client.get("/health").json()
+  assert health["status"] == "ok" and health["pages_available"] == health["pages_total"]
+
+
+def test_completion_echo_logprobs_score_the_prompt(setup):
+  client, sched, tok, (config, params) = setup
+  text = "The quick brown fox"
+  ids = tok.encode(text)
+  status, body = post(client, "/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 1,
+                                                  "temperature": 0, "logprobs": 1, "echo": True})
+  assert status == 200, body
+  lp = body["choices"][0]["logprobs"]
+  assert body["choices"][0]["text"].startswith(text)
+  assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+  want = jax.nn.log_softmax(forward(params, jnp.asarray([ids], jnp.int32), config)[0], axis=-1)
+  want = [float(want[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+  np.testing.assert_allclose(lp["token_logprobs"][1:len(ids)], want, atol=1e-4)
+  assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
+  assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == 1
+  # A list of prompts gives one choice each; max_tokens=0 just scores.
+  status, body = post(client, "/v1/completions", {"model": MODEL, "prompt": ["a b", "c d e"], "max_tokens": 0,
+                                                  "echo": True, "logprobs": 0})
+  assert status == 200 and [c["text"] for c in body["choices"]] == ["a b", "c d e"]
+
+
+def test_completion_seed_and_stream(setup):
+  client, *_ = setup
+  req = {"model": MODEL, "prompt": "Numbers 0 1 2", "max_tokens": 5, "temperature": 1.0, "seed": 3,
+         "ignore_eos": True}
+  a = post(client, "/v1/completions", req)[1]["choices"][0]["text"]
+  assert post(client, "/v1/completions", req)[1]["choices"][0]["text"] == a
+  with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+    lines = [line for line in r.iter_lines() if line]
+  assert lines[-1] == "data: [DONE]"
+  chunks = [json.loads(line[6:]) for line in lines[:-1]]
+  assert "".join(c["choices"][0]["text"] for c in chunks) == a
+  assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_completion_and_stream(setup):
+  client, *_ = setup
+  req = {"model": MODEL, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+         "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+  status, body = post(client, "/v1/chat/completions", req)
+  assert status == 200, body
+  assert body["choices"][0]["message"]["role"] == "assistant"
+  assert len(body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+  with client.stream("POST", "/v1/chat/completions",
+                     json={**req, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+  assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+  content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+  assert content == (body["choices"][0]["message"]["content"] or "")
+  assert chunks[-1]["usage"]["completion_tokens"] == body["usage"]["completion_tokens"]
+  # A named tool choice forces a plugin call; a random model writes no valid JSON, which is not a 500.
+  tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+  status, body = post(client, "/v1/chat/completions", {**req, "tools": tools, "tool_choice": {
+      "type": "function", "function": {"name": "get_weather"}}})
+  assert status == 200, body
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 10 ** 9}, 400, "context length"),
+    ({"model": MODEL, "prompt": list(range(3, 170))}, 400, "context length"),
+    ({"model": MODEL, "prompt": "hi", "bogus_field": 1}, 400, "bogus_field"),
+    ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n=1"),
+    ({"model": MODEL, "prompt": [5000]}, 400, "token ids"),
+    ({"model": MODEL, "prompt": ""}, 400, "empty"),
+    ({"model": MODEL}, 400, "prompt"),
+])
+def test_bad_completion_requests_are_4xx(setup, body, status, needle):
+  client, *_ = setup
+  got, payload = post(client, "/v1/completions", body)
+  assert got == status and needle in payload["error"]["message"], payload
+
+
+def test_malformed_bodies_are_400_json(setup):
+  client, *_ = setup
+  for data in (b"{not json", b"\xff\xfe\x00garbage", b"[1, 2]"):
+    r = client.post("/v1/chat/completions", content=data, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json(), (data, r.text)
+  bad_chat = [{"model": MODEL, "messages": []}, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+              {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}]
+  for body in bad_chat:
+    assert post(client, "/v1/chat/completions", body)[0] == 400, body
+  assert client.get("/v1/nothing").status_code == 404
+
+
+def test_queue_full_is_429_and_disconnect_returns_pages(setup):
+  client, sched, tok, (config, params) = setup
+  long = {"model": MODEL, "prompt": "The quick", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+  # A scheduler that is never started keeps its queue full, so the 429 does not race with generation.
+  stalled = Scheduler(Engine(params, config, sched.engine.ec), tok, max_queue=2)
+  held = [stalled.submit(tok.encode("The quick"), SamplingParams(max_tokens=40)) for _ in range(2)]
+  with pytest.raises(ServerBusyError):
+    stalled.submit(tok.encode("The quick"), SamplingParams(max_tokens=40))
+  status, body = post(TestClient(create_app(stalled, tok, MODEL)), "/v1/completions", long)
+  assert status == 429 and body["error"]["type"] == "server_busy", body
+  for h in held:
+    h.cancel()
+    assert h.result(timeout=5).reason == "cancelled"
+  # Over real HTTP (TestClient only disconnects after the response ends): clients that go away mid-stream or
+  # mid-wait cancel their requests, and their pages come back.
+  before = sched.finished["cancelled"]
+  with live_server(create_app(sched, tok, MODEL)) as base:
+    with httpx.stream("POST", base + "/v1/completions", json={**long, "max_tokens": 150, "stream": True},
+                      timeout=60) as r:
+      assert r.status_code == 200
+      next(r.iter_lines())
+    sched.wait_idle(timeout=60)
+  assert sched.finished["cancelled"] == before + 1
+  # A non-streaming client that gives up while its request waits: the request is cancelled.
+  hanging = ScriptedScheduler(tok, None)
+  with live_server(create_app(hanging, tok, MODEL)) as base:
+    with pytest.raises(httpx.ReadTimeout):
+      httpx.post(base + "/v1/completions", json=long, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while not hanging.cancelled and time.monotonic() < deadline:
+      time.sleep(0.05)
+  assert hanging.cancelled == [1]
+  alloc = sched.engine.allocator
+  alloc.check_invariants()
+  assert alloc.num_available == alloc.usable_pages
+
+
+class ScriptedScheduler:
+  """Answers every request with fixed text (as token ids of the real tokenizer), or never when text is None;
+  records the prompts and which requests were cancelled."""
+
+  def __init__(self, tok, text):
+    self.engine = types.SimpleNamespace(max_seq_len=4096, max_request_tokens=4096)
+    self.tok, self.text, self.prompts, self.cancelled = tok, text, [], []
+
+  def stats(self):
+    return {}
+
+  def submit(self, prompt, params, sink):
+    self.prompts.append(self.tok.decode(prompt))
+    number = len(self.prompts)
+    if self.text is not None:
+      ids = self.tok.encode(self.text)
+      sink(Delta(self.text, [TokenInfo(i) for i in ids]))
+      sink(Finished("stop", self.text, ids, len(prompt), 0))
+    return types.SimpleNamespace(cancel=lambda: self.cancelled.append(number))
+
+
+def test_chat_tool_call_round_trip(setup):
+  _, sched, tok, _ = setup
+  call = '<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|action_end|>'
+  scripted = ScriptedScheduler(tok, "Let me check." + call)
+  client = TestClient(create_app(scripted, tok, MODEL))
+  tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                             "parameters": {"type": "object", "properties": {"city": {}}}}}]
+  messages = [{"role": "user", "content": "Weather in Paris?"}]
+  status, body = post(client, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": tools})
+  assert status == 200, body
+  choice = body["choices"][0]
+  assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me check."
+  tool_call = choice["message"]["tool_calls"][0]
+  assert tool_call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+  assert "<|im_start|>system name=<|plugin|>\n" in scripted.prompts[0] and '"get_weather"' in scripted.prompts[0]
+  # Send the call and its result back: rendered as the assistant's action and an environment turn.
+  messages += [choice["message"], {"role": "tool", "tool_call_id": tool_call["id"], "content": '{"temp": 21}'}]
+  scripted.text = "It is 21 degrees."
+  status, body = post(client, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": tools})
+  assert status == 200 and body["choices"][0]["message"]["content"] == "It is 21 degrees.", body
+  assert call in scripted.prompts[1]
+  assert '<|im_start|>environment name=<|plugin|>\n{"temp": 21}<|im_end|>' in scripted.prompts[1]
+  # Streaming: the content before the action, then the call as tool_calls.
+  scripted.text = "Let me check." + call
+  with client.stream("POST", "/v1/chat/completions",
+                     json={"model": MODEL, "messages": messages[:1], "tools": tools, "stream": True}) as r:
+    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+  deltas = [c["choices"][0]["delta"] for c in chunks]
+  assert "".join(d.get("content", "") for d in deltas) == "Let me check."
+  assert deltas[-1]["tool_calls"][0]["function"]["name"] == "get_weather"
+  assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_terminal_chat_keeps_history_and_resets(setup):
+  _, sched, tok, _ = setup
+  spec = importlib.util.spec_from_file_location("chat_script", os.path.join(ROOT, "experiments", "chat.py"))
+  chat = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(chat)
+  lines = iter(["Hi", "/reset", "Paris?", "And tomorrow?", "/exit"])
+  out = []
+  history = chat.chat_loop(sched, tok, SamplingParams(max_tokens=3, temperature=0.0), "Be brief.",
+                           lambda prompt: next(lines), out.append)
+  assert [m["role"] for m in history] == ["user", "assistant"] * 2
+  assert history[0]["content"] == "Paris?" and "(history cleared)\n" in out
