@@ -18,6 +18,8 @@ def get_config():
   c.halt_after_nonfinite = 3  # consecutive skipped updates before the run stops with an error
   c.peak_flops = 0.0          # FLOP/s per device for MFU; 0 = datasheet for known accelerators, else measured
   c.progress = True
+  c.task_eval_config = ""     # an eval config file (e.g. configs/eval_tiny.py) run in-process during training
+  c.task_eval_every = 0       # ... every this many steps; scores land in metrics.jsonl as eval/<dataset>/<metric>
 
   c.mesh = config_dict.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
 

@@ -69,7 +69,12 @@ def _final_params(workdir, step):
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
-  out = subprocess.run(_args(corpus, workdir), env=_env(), capture_output=True, text=True, timeout=600)
+  eval_config = workdir / "eval_config.py"  # in-training task evaluation (issue: evaluation during training)
+  eval_config.write_text("from internlm_jax.eval import presets\n\ndef get_config():\n  return presets.eval_config("
+                         "{'shakespeare': presets.shakespeare_ppl(limit=2)}, batch_size=4, workers=1)\n")
+  extra = [f"--config.task_eval_config={eval_config}", "--config.task_eval_every=4"]
+  out = subprocess.run(_args(corpus, workdir, extra=extra), env=_env(), capture_output=True, text=True,
+                       timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return workdir, out.stdout
 
@@ -81,6 +86,7 @@ def test_training_writes_metrics_plot_and_report(uninterrupted):
   for key in ("step", "loss", "tokens_per_sec", "mfu", "lr", "grad_norm"):
     assert key in records[-1]
   assert any("val_loss" in r for r in records)
+  assert [r["step"] for r in records if "eval/shakespeare/perplexity" in r] == [4, 8]
   assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert "validation loss" in stdout and "unigram baseline" in stdout and "sample:" in stdout

@@ -148,6 +148,23 @@ def unigram_baseline(train_source, val_source, tokenizer, max_docs: int = 2000) 
   return total / max(n, 1.0)
 
 
+def _in_training_eval(cfg, tokenizer):
+  """The evaluation hook named by config.task_eval_config (an eval config file), or None."""
+  path = cfg.get("task_eval_config", "")
+  if not path:
+    return None
+  if int(cfg.get("task_eval_every", 0)) <= 0:
+    raise ConfigError("config.task_eval_config needs config.task_eval_every > 0")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.task_eval_config={path!r}: no such eval config file")
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("task_eval_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  from internlm_jax.eval.runner import train_eval_hook
+  return train_eval_hook(module.get_config(), tokenizer)
+
+
 def run(cfg, workdir: str) -> dict:
   """Trains (or resumes) per `cfg`; returns a summary dict (final losses, steps, throughput)."""
   validate(cfg)
@@ -201,6 +218,7 @@ def run(cfg, workdir: str) -> dict:
   logging.info("model %s: %.1fM params; mesh %s; peak %.3g FLOP/s/device (%s)", cfg.model.preset,
                model.num_params() / 1e6, dict(mesh.shape), peak, peak_source)
 
+  in_training_eval = _in_training_eval(cfg, tokenizer)
   guard = checkpoint_lib.install_preemption_handler()
   nonfinite_run = 0
   last_time, last_step = time.perf_counter(), start
@@ -236,6 +254,9 @@ def run(cfg, workdir: str) -> dict:
         val_loss = evaluate(eval_fn, state.params, val_source, tokenizer, cfg, batch_sharding)
         record = dict(record or {}, val_loss=val_loss)
         last_time = time.perf_counter()  # evaluation time is not training throughput
+      if in_training_eval is not None and done % cfg.task_eval_every == 0:
+        record = dict(record or {}, **in_training_eval(state.params, model, done))
+        last_time = time.perf_counter()
       if record is not None:
         writer.write(done, record)
       preempted = guard(done)
