@@ -39,6 +39,9 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "pytest-xdist>=3.5",
+            "nbclient>=0.10",  # executes experiments/quickstart.ipynb in a slow test
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
             # The independent reference for parity tests; 2.13.0 is the CPU build this machine installs offline.
             "torch==2.13.0",
             "transformers>=4.45",

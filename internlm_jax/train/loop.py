@@ -165,8 +165,11 @@ def _in_training_eval(cfg, tokenizer):
   return train_eval_hook(module.get_config(), tokenizer)
 
 
-def run(cfg, workdir: str) -> dict:
-  """Trains (or resumes) per `cfg`; returns a summary dict (final losses, steps, throughput)."""
+def run(cfg, workdir: str, on_log=None) -> dict:
+  """Trains (or resumes) per `cfg`; returns a summary dict (final losses, steps, throughput).
+
+  on_log(step, record): called on process 0 with every metrics record (e.g. a notebook's live loss plot).
+  """
   validate(cfg)
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(**dict(cfg.mesh))
@@ -259,6 +262,8 @@ def run(cfg, workdir: str) -> dict:
         last_time = time.perf_counter()
       if record is not None:
         writer.write(done, record)
+        if on_log is not None and jax.process_index() == 0:
+          on_log(done, record)
       preempted = guard(done)
       final = done == cfg.steps or preempted
       if ckpt.should_save(done) or final:
