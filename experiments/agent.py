@@ -3,13 +3,15 @@
   python experiments/agent.py --agent=react --tools=python,calculator --task="What is 2**20 / 7?" \
       --api_base=http://127.0.0.1:23333/v1 --model=internlm2
   python experiments/agent.py --agent=internlm2 --tools=python --task="..." --checkpoint=DIR
+  python experiments/agent.py --agent=internlm2 --tools=python --task="..." --checkpoint=DIR --backend=dense
   python experiments/agent.py --agent=rewoo --tools=calculator --task="..." --scripted=replies.json
   python experiments/agent.py --agent=react --bench --scripted=oracle        # the benchmark, scripted oracle
   python experiments/agent.py --agent=internlm2 --bench --api_base=URL --model=NAME
 
 The model comes from exactly one of: --checkpoint (HF InternLM2 folder or params checkpoint, with
-tokenizer.model), --api_base + --model (any OpenAI-compatible endpoint, ours included), --scripted (a JSON list of
-raw replies, or "oracle" with --bench). --output=FILE.json writes {"final_answer": ..., "steps": [...], ...}.
+tokenizer.model; run through the serving engine, or on generate.py's dense path with --backend=dense),
+--api_base + --model (any OpenAI-compatible endpoint, ours included), --scripted (a JSON list of raw replies, or
+"oracle" with --bench). --output=FILE.json writes {"final_answer": ..., "steps": [...], ...}.
 """
 import json
 import os
@@ -21,12 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from internlm_jax.agent import AGENTS, InProcessLLM, OpenAIClient, ScriptedLLM, Step  # noqa: E402
+from internlm_jax.agent.llm import EngineLLM  # noqa: E402
 from internlm_jax.agent.tools import builtin_tools  # noqa: E402
 
 AGENT = flags.DEFINE_enum("agent", "react", sorted(AGENTS), "agent type")
 TOOLS = flags.DEFINE_list("tools", ["python", "calculator"], "tools: python, calculator, plot, files, search")
 TASK = flags.DEFINE_string("task", None, "the task or question")
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "model folder to run in-process")
+BACKEND = flags.DEFINE_enum("backend", "engine", ["engine", "dense"],
+                            "--checkpoint: the serving engine (paged cache, one compile for all prompt lengths) or "
+                            "the dense generate.py path")
 API_BASE = flags.DEFINE_string("api_base", None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:23333/v1")
 MODEL = flags.DEFINE_string("model", None, "model name at --api_base")
 API_KEY = flags.DEFINE_string("api_key", None, "API key (default: $OPENAI_API_KEY)")
@@ -56,7 +62,8 @@ def make_llm():
       raise app.UsageError("--api_base needs --model")
     return OpenAIClient(API_BASE.value, MODEL.value, api_key=API_KEY.value)
   if CHECKPOINT.value:
-    return InProcessLLM.from_checkpoint(CHECKPOINT.value)
+    llm_class = EngineLLM if BACKEND.value == "engine" else InProcessLLM
+    return llm_class.from_checkpoint(CHECKPOINT.value)
   if SCRIPTED.value == "oracle":
     if not BENCH.value:
       raise app.UsageError("--scripted=oracle only answers benchmark tasks; add --bench")
@@ -100,6 +107,14 @@ def write(payload) -> None:
 def main(argv):
   del argv
   llm = make_llm()
+  try:
+    run(llm)
+  finally:
+    if hasattr(llm, "close"):  # EngineLLM: stop the engine's scheduler thread
+      llm.close()
+
+
+def run(llm) -> None:
   if BENCH.value:
     from internlm_jax.agent.bench import format_report, run_benchmark
     fresh = (lambda: make_llm()) if isinstance(llm, ScriptedLLM) else (lambda: llm)  # scripts restart per task

@@ -1,6 +1,7 @@
 """Evaluates a checkpoint (in-process) or any OpenAI-compatible endpoint on the datasets of an eval config.
 
   python experiments/evaluate.py --config=configs/eval_tiny.py --workdir=/tmp/ev --checkpoint=/tmp/hf_tiny
+  python experiments/evaluate.py ... --checkpoint=/tmp/hf_tiny --backend=dense    # generate.py, not the engine
   python experiments/evaluate.py --config=configs/eval_tiny.py --workdir=/tmp/ev \
       --checkpoint=/tmp/tiny --train_config=configs/pretrain_tiny.py          # a training workdir
   python experiments/evaluate.py --config=configs/eval_gsm8k.py --workdir=/tmp/ev \
@@ -24,6 +25,10 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "HF folder, params folder or
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "sentencepiece .model (default: the checkpoint's)")
 _TRAIN_CONFIG = flags.DEFINE_string("train_config", "", "the training config of a training workdir checkpoint")
 _STEP = flags.DEFINE_integer("step", None, "training step to evaluate (default: the newest good one)")
+_BACKEND = flags.DEFINE_enum("backend", "engine", ["engine", "dense"],
+                             "--checkpoint generation: the serving engine (paged cache, continuous batching, stop "
+                             "strings end decoding) or the dense generate.py path; log-likelihood is the same "
+                             "exact forward either way")
 _API_BASE = flags.DEFINE_string("api_base", "", "OpenAI-compatible endpoint, e.g. http://127.0.0.1:23333/v1")
 _MODEL = flags.DEFINE_string("model", "", "model name at the endpoint (--api_base)")
 _API_KEY = flags.DEFINE_string("api_key", "", "bearer token for the endpoint (default: $OPENAI_API_KEY)")
@@ -35,6 +40,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "progress bars")
 
 def _backend(cfg):
   from internlm_jax.eval.backends import InProcessBackend
+  from internlm_jax.eval.engine_backend import EngineBackend
   from internlm_jax.eval.openai_backend import OpenAIBackend
   from internlm_jax.tokenizer import Tokenizer
 
@@ -56,8 +62,9 @@ def _backend(cfg):
   name = _NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
   if described.startswith("train:"):
     name = _NAME.value or f"{name}@{described.rsplit('@', 1)[1]}"
-  logging.info("evaluating %s", described)
-  return InProcessBackend(params, config, tokenizer, name=name, batch_size=batch_size, max_length=max_length)
+  logging.info("evaluating %s (%s backend)", described, _BACKEND.value)
+  backend_class = EngineBackend if _BACKEND.value == "engine" else InProcessBackend
+  return backend_class(params, config, tokenizer, name=name, batch_size=batch_size, max_length=max_length)
 
 
 def main(argv):
@@ -73,6 +80,7 @@ def main(argv):
   from internlm_jax.tokenizer import TokenizerError
 
   logging.set_verbosity(logging.WARNING)
+  backend = None
   try:
     backend = _backend(_CONFIG.value)
     runner.run(_CONFIG.value, backend, _WORKDIR.value, reuse=_REUSE.value, progress=_PROGRESS.value,
@@ -80,6 +88,9 @@ def main(argv):
   except (BackendError, DatasetError, LoadError, TaskError, TemplateError, ConfigError, CheckpointError,
           TokenizerError) as e:
     sys.exit(f"error: {e}")
+  finally:
+    if hasattr(backend, "close"):  # EngineBackend: stop the engine's scheduler thread
+      backend.close()
 
 
 if __name__ == "__main__":

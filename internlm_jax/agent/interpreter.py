@@ -1,7 +1,10 @@
 """A stateful Python interpreter for agents: one sandboxed worker process keeps a namespace between cells.
 
-The worker (interpreter_worker.py) runs under `sandbox.limit_child`: new session, rlimits, no network, writes only
-beneath its working directory, no new processes. On top of that, per cell:
+The worker (interpreter_worker.py) runs under `sandbox.sandbox_argv`: a fresh launcher process applies the sandbox
+layers (new session, rlimits, no network, writes only beneath its working directory, no new processes) and then
+execs the worker, so nothing runs between fork and exec in this (often multithreaded, JAX) process, where a
+`preexec_fn` could deadlock. The launcher execs in place, so the worker keeps the pid Popen returned (signals and
+the process group reach it). On top of that, per cell:
   - CPU: the worker sets its soft RLIMIT_CPU to (used + cpu_s) and turns SIGXCPU into an exception, so a runaway
     pure-Python loop ends with the namespace intact; the hard limit caps the whole session.
   - wall clock: at `timeout_s` the parent sends SIGINT (KeyboardInterrupt, the namespace survives); if the worker
@@ -29,7 +32,7 @@ from typing import Any
 
 from internlm_jax.agent.actions import (SUCCESS, TOOL_ERROR, ActionResult, Toolkit, image_part, text_part,
                                         tool_api)
-from internlm_jax.sandbox import SandboxLimits, limit_child
+from internlm_jax.sandbox import SandboxLimits, sandbox_argv
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter_worker.py")
 DEFAULT_LIMITS = SandboxLimits(timeout_s=20.0, cpu_s=20, memory_mb=2048, max_output_bytes=20_000)
@@ -95,11 +98,12 @@ class PythonSession:
            "MPLCONFIGDIR": os.path.join(self.workdir, ".matplotlib")}
     # The worker's CPU hard limit is the session's; it lowers its own soft limit per cell.
     limits = dataclasses.replace(self.limits, cpu_s=self.session_cpu_s)
+    # pass_fds leaves the protocol pipes inheritable in the launcher, so they survive its exec into the worker.
+    argv = sandbox_argv([sys.executable, "-I", "-B", _WORKER, str(req_r), str(resp_w)], limits)
     try:
       self._proc = subprocess.Popen(
-          [sys.executable, "-I", "-B", _WORKER, str(req_r), str(resp_w)], cwd=self.workdir, env=env,
-          stdin=subprocess.DEVNULL, stdout=self._capture, stderr=self._capture, pass_fds=(req_r, resp_w),
-          start_new_session=True, preexec_fn=limit_child(limits))
+          argv, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=self._capture, stderr=self._capture,
+          pass_fds=(req_r, resp_w), start_new_session=True)
     finally:
       os.close(req_r)
       os.close(resp_w)

@@ -1,5 +1,5 @@
-"""The small LLM interface agents talk to, and three backends: an OpenAI-compatible HTTP client, our model
-in-process, and a scripted fake for deterministic tests.
+"""The small LLM interface agents talk to, and its backends: an OpenAI-compatible HTTP client, our model in-process
+(through the serving engine, or on the dense path), and a scripted fake for deterministic tests.
 
     llm.chat(messages, tools=None, stop=None, max_tokens=512, temperature=0.0) -> Reply
 
@@ -129,37 +129,47 @@ class OpenAIClient:
 
 
 # ---- in-process over our params ---------------------------------------------------------------------------------
+def load_checkpoint(directory: str):
+  """(params, config, tokenizer) of an HF InternLM2 folder or a params checkpoint folder with `tokenizer.model`."""
+  from internlm_jax.tokenizer import Tokenizer
+  tok_path = os.path.join(directory, "tokenizer.model")
+  if not os.path.isfile(tok_path):
+    raise FileNotFoundError(f"{tok_path} is missing; the agent needs the checkpoint's tokenizer")
+  if os.path.isfile(os.path.join(directory, "config.json")):
+    from internlm_jax.hf_io import load_hf_checkpoint
+    config, params = load_hf_checkpoint(directory)
+  else:
+    from internlm_jax.params_io import load_params_checkpoint
+    config, params = load_params_checkpoint(directory)
+  return params, config, Tokenizer(tok_path)
+
+
+def _encode_chat(tokenizer, messages, tools) -> list[int]:
+  from internlm_jax.tokenizer import TokenizerError
+  try:
+    return tokenizer.encode_chat(messages, tools=tools)
+  except TokenizerError as e:
+    raise LLMError(f"cannot build the prompt: {e}") from None
+
+
 class InProcessLLM:
-  """Our model in this process: renders the InternLM2 chat template with the Tokenizer and runs
-  `internlm_jax.generate.generate`. Returns text with special tokens kept. Stop strings that are single special
-  pieces (e.g. `<|action_end|>`) stop generation on device; others are cut from the text afterwards."""
+  """Our model in this process on the dense path (`EngineLLM` is the engine-backed one, and the default): renders
+  the InternLM2 chat template with the Tokenizer and runs `internlm_jax.generate.generate`, which compiles anew
+  for every prompt length. Returns text with special tokens kept. Stop strings that are single special pieces
+  (e.g. `<|action_end|>`) stop generation on device; others are cut from the text afterwards."""
 
   def __init__(self, params, config, tokenizer, *, seed: int = 0):
     self.params, self.config, self.tokenizer, self.seed = params, config, tokenizer, seed
 
   @classmethod
-  def from_checkpoint(cls, directory: str) -> "InProcessLLM":
+  def from_checkpoint(cls, directory: str, **kwargs) -> "InProcessLLM":
     """An HF InternLM2 folder or a params checkpoint folder (params_io), with `tokenizer.model` inside."""
-    from internlm_jax.tokenizer import Tokenizer
-    tok_path = os.path.join(directory, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-      raise FileNotFoundError(f"{tok_path} is missing; the agent needs the checkpoint's tokenizer")
-    if os.path.isfile(os.path.join(directory, "config.json")):
-      from internlm_jax.hf_io import load_hf_checkpoint
-      config, params = load_hf_checkpoint(directory)
-    else:
-      from internlm_jax.params_io import load_params_checkpoint
-      config, params = load_params_checkpoint(directory)
-    return cls(params, config, Tokenizer(tok_path))
+    return cls(*load_checkpoint(directory), **kwargs)
 
   def chat(self, messages, *, tools=None, stop=None, max_tokens=512, temperature=0.0) -> Reply:
     from internlm_jax.generate import generate
-    from internlm_jax.tokenizer import TokenizerError
     tok = self.tokenizer
-    try:
-      prompt = tok.encode_chat(messages, tools=tools)
-    except TokenizerError as e:
-      raise LLMError(f"cannot build the prompt: {e}") from None
+    prompt = _encode_chat(tok, messages, tools)
     stop_ids = list(tok.stop_token_ids)
     for s in stop or ():
       if s in tok.special_ids:
@@ -174,3 +184,40 @@ class InProcessLLM:
     finished = len(ids) < min(max_tokens, room)
     text, stopped = cut_at_stop(text, stop)
     return Reply(text, None, "stop" if finished or stopped else "length")
+
+
+class EngineLLM:
+  """Our model in this process through the serving engine (`serve.local.EngineSession`): the paged cache compiles
+  a handful of programs however long the conversation grows, earlier turns' pages are reused (prefix caching),
+  and stop strings end decoding as soon as they appear. Text keeps its special tokens, like `InProcessLLM`'s;
+  a stop string that is one special piece (`<|action_end|>`) stops on device and is not part of the text.
+  `close()` stops the engine's thread."""
+
+  def __init__(self, params, config, tokenizer, *, seed: int = 0, max_slots: int = 1, max_seq_len: int | None = None,
+               engine_config=None, mesh=None, kv_fraction: float = 0.8):
+    from internlm_jax.serve.local import EngineSession
+    self.tokenizer, self.config, self.seed = tokenizer, config, seed
+    self.session = EngineSession(params, config, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len,
+                                 engine_config=engine_config, mesh=mesh, kv_fraction=kv_fraction)
+
+  @classmethod
+  def from_checkpoint(cls, directory: str, **kwargs) -> "EngineLLM":
+    return cls(*load_checkpoint(directory), **kwargs)
+
+  def chat(self, messages, *, tools=None, stop=None, max_tokens=512, temperature=0.0) -> Reply:
+    from internlm_jax.serve.local import GenerationError
+    prompt = _encode_chat(self.tokenizer, messages, tools)
+    context = self.session.max_request_tokens
+    room = context - len(prompt)
+    if room < 1:
+      raise LLMError(f"the prompt ({len(prompt)} tokens) fills the context of {context}")
+    params = self.session.sampling_params(min(max_tokens, room), stop or (), temperature, self.seed,
+                                          skip_special_tokens=False)
+    try:
+      done, = self.session.run([prompt], params)
+    except GenerationError as e:
+      raise LLMError(str(e)) from None
+    return Reply(done.text, None, done.reason)
+
+  def close(self) -> None:
+    self.session.close()
