@@ -252,6 +252,19 @@ def test_text_stream_holds_back_and_cuts_stop_strings(tok):
   assert not stream.stopped and out == "The quick brown fox jumps over the lazy dog."
 
 
+def test_text_stream_flushes_and_never_stalls_on_broken_bytes(tok):
+  lead = tok.token_to_id("<0xE2>")  # the first byte of a 3-byte UTF-8 character, alone
+  assert lead != tok.unk_id
+  word = tok.encode("fox")
+  stream = TextStream(tok)
+  assert stream.append(word) == "fox"
+  assert stream.append([lead]) == ""  # held back: the character may still complete
+  assert stream.finish() == "\ufffd"   # generation ended: released rather than lost
+  stream = TextStream(tok)
+  out = "".join(stream.append([t]) for t in [lead] * 6 + word) + stream.finish()
+  assert out.endswith("fox") and out.count("\ufffd") >= 1
+
+
 def test_preemption_when_pages_run_out_keeps_outputs(model, tok):
   config, params = model
   # 6 usable pages of 8 tokens; two requests that each grow to 5 pages cannot both finish without preemption.

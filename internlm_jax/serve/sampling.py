@@ -156,10 +156,22 @@ class TextStream:
     if self.stopped:
       return ""
     self._ids.extend(int(t) for t in token_ids)
-    before = self._decode(self._ids[self._prefix:self._read])
     window = self._decode(self._ids[self._prefix:])
-    if window.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+    # An incomplete multi-byte character: wait for its other bytes, but no longer than a UTF-8 character can
+    # span (4 byte-fallback ids), so a model that emits invalid bytes cannot stall the stream.
+    if window.endswith("\ufffd") and len(self._ids) - self._read < 4:
       return self._release(final=False)
+    self._commit(window)
+    return self._release(final=self.stopped)
+
+  def finish(self) -> str:
+    """The held-back tail once generation has ended (undecodable bytes come out as U+FFFD)."""
+    if not self.stopped and self._read < len(self._ids):
+      self._commit(self._decode(self._ids[self._prefix:]))
+    return self._release(final=True)
+
+  def _commit(self, window: str) -> None:
+    before = self._decode(self._ids[self._prefix:self._read])
     search_from = max(0, len(self.text) - max((len(s) for s in self._stop), default=0))
     self.text += window[len(before):]
     self._prefix, self._read = self._read, len(self._ids)
@@ -168,11 +180,6 @@ class TextStream:
       if at >= 0:
         self.text = self.text[:at]
         self.stopped = True
-    return self._release(final=self.stopped)
-
-  def finish(self) -> str:
-    """The held-back tail once generation has ended."""
-    return self._release(final=True)
 
   def _release(self, final: bool) -> str:
     end = len(self.text)
