@@ -1,0 +1,16 @@
+"""DPO with LoRA adapters on the pretrained tiny model: Shakespeare task pairs (gold answer chosen, a wrong option
+rejected), sigmoid loss with beta, the base (adapter off) as the reference model.
+
+  python experiments/finetune.py --config=configs/dpo_lora_tiny.py --workdir=DIR --config.base.checkpoint=BASE
+  (files: --config.data.source=files --config.data.train_paths=pairs.jsonl with {"prompt", "chosen", "rejected"})
+"""
+from configs import sft_lora_tiny
+
+
+def get_config():
+  c = sft_lora_tiny.get_config()
+  c.method = "dpo"
+  c.dpo.beta = 0.1
+  c.data.truncation = "skip"   # a pair is one sequence per side; too-long pairs are counted and skipped
+  c.optimizer.learning_rate = 1e-3
+  return c

@@ -1,0 +1,168 @@
+"""Peak memory and step time of full fine-tuning, LoRA and QLoRA on one model config, measured in one run.
+
+  python experiments/bench_finetune.py --out=/tmp/bench_finetune.json            # ~300M params, seq 512, batch 1
+  python experiments/bench_finetune.py --out=/tmp/b.json --preset=small --seq_len=256 --rank=16   # quick, CPU
+
+Memory is XLA's own account of each compiled step (`compiled.memory_analysis()`): arguments (weights, optimizer
+state, batch) + temporaries (activations, gradients, per-layer merged or dequantized weights) + outputs not
+aliased to donated inputs; it is what the step needs resident, independent of allocator behaviour. Per method:
+  full   float32 master weights + AdamW moments, the pretraining step (train.step.make_train_step)
+  lora   frozen base in --base_dtype (bfloat16), float32 adapters + moments (train.finetune_step)
+  qlora  frozen base NF4 (block 64, float32 scales; --quant_output also quantizes the output head), as lora
+Bytes per parameter divide by the base model's parameter count. Times are medians of --steps steps after two
+warm-up steps; `base_fwd_bwd` is the forward + backward (all weight gradients, no optimizer) of the lora base, the
+bar the issue sets for a LoRA step (lora_step_vs_base <= 1.1).
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+OUT = flags.DEFINE_string("out", None, "JSON results file")
+PRESET = flags.DEFINE_string("preset", "bench-300m", "ModelConfig preset, or bench-300m (InternLM2 vocab, "
+                             "hidden 1024, 12 layers: about 330M params)")
+SEQ = flags.DEFINE_integer("seq_len", 512, "sequence length")
+BATCH = flags.DEFINE_integer("batch", 1, "batch size")
+STEPS = flags.DEFINE_integer("steps", 5, "timed steps (after 2 warm-up steps)")
+REMAT = flags.DEFINE_string("remat_policy", "full", "remat policy, the same for every method")
+DTYPE = flags.DEFINE_string("dtype", "", "compute dtype; default bfloat16 on accelerators, float32 on CPU")
+BASE_DTYPE = flags.DEFINE_string("base_dtype", "bfloat16", "storage dtype of the frozen LoRA base")
+RANK = flags.DEFINE_integer("rank", 64, "LoRA rank (XTuner's default 64, alpha 16)")
+QUANT_OUTPUT = flags.DEFINE_bool("quant_output", False, "QLoRA: also store the output head as NF4")
+METHODS = flags.DEFINE_list("methods", ["full", "lora", "qlora"], "methods to measure")
+
+
+def _config():
+  from internlm_jax.config import ModelConfig, get_preset
+  if PRESET.value == "bench-300m":
+    config = ModelConfig(hidden_size=1024, num_layers=12, num_heads=16, num_kv_heads=8, head_dim=64,
+                         intermediate_size=2816, max_position_embeddings=4096)
+  else:
+    config = get_preset(PRESET.value)
+  import jax
+  dtype = DTYPE.value or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  return config.replace(dtype=dtype, remat_policy=REMAT.value)
+
+
+def _batch(config):
+  import jax.numpy as jnp
+  import numpy as np
+  batch, seq = BATCH.value, SEQ.value
+  tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, seq + 1)).astype(np.int32)
+  rows = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
+          "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)), "loss_mask": np.ones((batch, seq), np.int32)}
+  return {k: jnp.asarray(v) for k, v in rows.items()}
+
+
+def _memory(jitted, *args) -> dict:
+  """XLA's byte counts for the compiled call; peak = arguments + temporaries + outputs that are not aliased."""
+  stats = jitted.lower(*args).compile().memory_analysis()
+  out = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "temp", "output", "alias")}
+  out["peak"] = out["argument"] + out["temp"] + max(0, out["output"] - out["alias"])
+  return out
+
+
+def _median_seconds(call, steps: int) -> float:
+  import jax
+  for _ in range(2):
+    jax.block_until_ready(call())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure(method: str, config, batch) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from internlm_jax.lora import LoraConfig, init_lora
+  from internlm_jax.model import init_params
+  from internlm_jax.quant_nf4 import DEFAULT_QUANT_TARGETS, quantize_params
+  from internlm_jax.train import finetune_step
+  from internlm_jax.train.optimizer import OptimizerConfig, make_optimizer
+  from internlm_jax.train.state import TrainState
+  from internlm_jax.train.step import make_train_step
+  tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000, weight_decay=0.0))
+  key = jax.random.key(0)
+  if method == "full":
+    params = init_params(config.replace(param_dtype="float32"), key)
+    state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                                         rng=jax.random.key_data(key), skipped=jnp.zeros((), jnp.int32)),
+                    donate_argnums=0)(params)
+    step = make_train_step(config, tx)
+    memory = _memory(step, state, batch)
+    holder = [state]
+
+    def call():
+      holder[0], metrics = step(holder[0], batch)
+      return metrics["loss"]
+    return {"memory": memory, "step_seconds": _median_seconds(call, STEPS.value), "trainable": config.num_params()}
+
+  base_config = config.replace(param_dtype=BASE_DTYPE.value)
+  base = init_params(base_config, key)
+  if method == "qlora":
+    targets = DEFAULT_QUANT_TARGETS + (("output",) if QUANT_OUTPUT.value else ())
+    base = jax.jit(lambda p: quantize_params(p, "nf4", targets=targets), donate_argnums=0)(base)
+  lcfg = LoraConfig(rank=RANK.value, alpha=16.0)
+  adapters = init_lora(base_config, lcfg, jax.random.key(1))
+  state = finetune_step.create_adapter_state(adapters, tx)
+  step = finetune_step.make_finetune_step(base_config, lcfg, tx)
+  memory = _memory(step, state, base, batch)
+  holder = [state]
+
+  def call():
+    holder[0], metrics = step(holder[0], base, batch)
+    return metrics["loss"]
+  result = {"memory": memory, "step_seconds": _median_seconds(call, STEPS.value),
+            "trainable": sum(x.size for x in jax.tree.leaves(adapters))}
+  if method == "lora":
+    from internlm_jax.train.step import cross_entropy_sums
+    grad = jax.jit(jax.grad(lambda p, b: cross_entropy_sums(p, b, base_config)[0]))
+    result["base_fwd_bwd_seconds"] = _median_seconds(lambda: grad(base, batch), STEPS.value)
+  return result
+
+
+def main(argv):
+  del argv
+  import jax
+  config = _config()
+  batch = _batch(config)
+  n = config.num_params()
+  results = {m: measure(m, config, batch) for m in METHODS.value}
+  out = {"machine": jax.devices()[0].device_kind, "backend": jax.default_backend(), "preset": PRESET.value,
+         "params": n, "seq_len": SEQ.value, "batch": BATCH.value, "dtype": config.dtype,
+         "base_dtype": BASE_DTYPE.value, "remat_policy": REMAT.value, "rank": RANK.value, "methods": results}
+  for m, r in results.items():
+    out[f"{m}_bytes_per_param"] = r["memory"]["peak"] / n
+    out[f"{m}_step_seconds"] = r["step_seconds"]
+  if "lora" in results:
+    out["base_fwd_bwd_seconds"] = results["lora"]["base_fwd_bwd_seconds"]
+    out["lora_step_vs_base"] = results["lora"]["step_seconds"] / results["lora"]["base_fwd_bwd_seconds"]
+  ref = results.get("full")
+  print(f"\n{PRESET.value} ({n / 1e6:.1f}M params), batch {BATCH.value} x seq {SEQ.value}, {config.dtype} compute, "
+        f"remat {REMAT.value}, {out['machine']}")
+  print(f"  {'method':<8}{'peak MiB':>10}{'B/param':>9}{'args MiB':>10}{'temp MiB':>10}{'step s':>9}"
+        f"{'mem vs full':>12}{'time vs full':>13}{'trainable':>12}")
+  for m, r in results.items():
+    mem, t = r["memory"], r["step_seconds"]
+    rel_mem = f"{mem['peak'] / ref['memory']['peak']:.2f}x" if ref else "-"
+    rel_t = f"{t / ref['step_seconds']:.2f}x" if ref else "-"
+    print(f"  {m:<8}{mem['peak'] / 2**20:>10.1f}{mem['peak'] / n:>9.2f}{mem['argument'] / 2**20:>10.1f}"
+          f"{mem['temp'] / 2**20:>10.1f}{t:>9.3f}{rel_mem:>12}{rel_t:>13}{r['trainable']:>12,}")
+  if "lora_step_vs_base" in out:
+    print(f"  LoRA step / base forward+backward: {out['lora_step_vs_base']:.2f}x "
+          f"({out['base_fwd_bwd_seconds']:.3f} s)")
+  if OUT.value:
+    with open(OUT.value, "w") as f:
+      json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

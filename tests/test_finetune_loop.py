@@ -1,0 +1,196 @@
+"""The fine-tuning loop end to end on a tiny model: every method, resume, outputs that load back, bad configs,
+the Shakespeare tasks, and (slow) the demo that fine-tuning beats the pretrained model on held-out questions."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from internlm_jax import config as config_lib
+from internlm_jax import tokenizer as tk
+from internlm_jax.config import ConfigError
+from internlm_jax.data import shakespeare_tasks as st
+from internlm_jax.finetune import run, validate
+from internlm_jax.hf_io import load_hf_checkpoint, save_hf_checkpoint
+from internlm_jax.lora import apply_lora, load_adapter
+from internlm_jax.model import ParamSpec, forward, param_specs
+from internlm_jax.quant_nf4 import quantize_params
+
+fwd = jax.jit(forward, static_argnums=2)  # one compile per params structure, not one per op
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import sft_lora_tiny  # noqa: E402
+
+TEXT = ("Which play is this from? Answer with the letter. A) B) C) D) Hamlet Macbeth speaks the king queen "
+        "to be or not to be, that is the question. Continue this speech. Tell me a story about a sword. ")
+
+
+def _mc(i):
+  options = ["Hamlet", "Macbeth", "Lear", "Tempest"]
+  gold = "ABCD"[i % 4]
+  prompt = f"Which play? line {i}\n" + "\n".join(f"{l}) {o}" for l, o in zip("ABCD", options))
+  return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": gold}],
+          "answer": gold, "options": options, "task": "play"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A tokenizer, a random tiny base saved as an HF folder, and SFT / preference / held-out jsonl files."""
+  root = tmp_path_factory.mktemp("ft")
+  tok_path = tk.train_tokenizer(str(root / "tok"), 400, texts=[TEXT * 20])
+  tok = tk.Tokenizer(tok_path)
+  model = config_lib.get_preset("tiny").replace(vocab_size=-(-tok.vocab_size // 64) * 64)
+  base_dir = root / "base"
+  # numpy init: a jitted random init costs seconds of compile for nothing this test looks at.
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: (np.ones(s.shape, np.float32) if s.init == "ones" else
+                                   rng.normal(0, 0.02, s.shape).astype(np.float32)),
+                        param_specs(model), is_leaf=lambda x: isinstance(x, ParamSpec))
+  save_hf_checkpoint(base_dir, model, params)
+  os.replace(tok_path, base_dir / "tokenizer.model")
+  train = [{"instruction": "Tell me a story", "output": "about a sword"},
+           {"messages": [{"role": "user", "content": "to be?"}, {"role": "assistant", "content": "or not"}]}]
+  train += [_mc(i) for i in range(20)]
+  pairs = [{"prompt": "Which play?", "chosen": "A", "rejected": "B"}, {"prompt": "to be?", "chosen": "or not to be",
+                                                                     "rejected": "sword"}] * 4
+  for name, records in (("train", train), ("pairs", pairs), ("heldout", [_mc(i) for i in range(20, 28)])):
+    with open(root / f"{name}.jsonl", "w") as f:
+      f.write("\n".join(json.dumps(r) for r in records) + "\n")
+  return root, base_dir
+
+
+def _cfg(setup, method, steps=3, over=None):
+  root, base_dir = setup
+  c = sft_lora_tiny.get_config()
+  c.method = method
+  c.steps, c.batch_size, c.seq_len = steps, 8, 64
+  c.log_every, c.eval_every, c.checkpoint_every = 1, 2, 2
+  c.progress, c.peak_flops = False, 1e11
+  c.eval.heldout_accuracy = False
+  c.base.checkpoint = str(base_dir)
+  c.lora.rank = 4
+  c.data.source = "files"
+  c.data.train_paths = str(root / ("pairs.jsonl" if method == "dpo" else "train.jsonl"))
+  c.data.eval_paths = str(root / "heldout.jsonl")
+  c.optimizer.warmup_steps = 1
+  for key, value in (over or {}).items():
+    node = c
+    *path, last = key.split(".")
+    for k in path:
+      node = node[k]
+    node[last] = value
+  return c
+
+
+def _records(workdir):
+  by_step = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    r = json.loads(line)
+    by_step.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")})
+  return by_step
+
+
+@pytest.fixture(scope="module")
+def lora_run(setup, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("lora")
+  return workdir, run(_cfg(setup, "lora", steps=4, over={"eval.heldout_accuracy": True}), str(workdir))
+
+
+def test_lora_run_writes_metrics_summary_and_outputs(lora_run):
+  workdir, summary = lora_run
+  records = _records(workdir)
+  assert sorted(records) == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) and "lr" in r and "grad_norm" in r for r in records.values())
+  assert "eval_loss" in records[2] and "eval_loss" in records[4]
+  assert summary["heldout"]["before"]["n"] == 8 and summary["heldout_accuracy_after"] is not None
+  assert summary["data"]["kept"] == 22 and summary["trainable_params"] < 50_000
+  assert os.path.isfile(workdir / "adapter" / "adapter_config.json")
+  assert os.path.isfile(workdir / "hf" / "tokenizer.model")
+  assert json.load(open(workdir / "summary.json"))["step"] == 4
+
+
+def test_stop_and_rerun_resumes_to_identical_metrics(setup, lora_run, tmp_path):
+  full_dir, _ = lora_run
+  stopped = run(_cfg(setup, "lora", steps=4, over={"stop_after": 2}), str(tmp_path))
+  assert stopped == {"stopped": True, "step": 2}
+  run(_cfg(setup, "lora", steps=4), str(tmp_path))
+  assert _records(tmp_path) == _records(full_dir)
+
+
+def test_merged_hf_folder_and_adapter_reproduce_the_trained_model(setup, lora_run):
+  workdir, _ = lora_run
+  _, base_dir = setup
+  config, base = load_hf_checkpoint(base_dir)
+  merged_config, merged = load_hf_checkpoint(workdir / "hf")
+  lcfg, adapters = load_adapter(workdir / "adapter", config)
+  assert merged_config.vocab_size == config.vocab_size and lcfg.rank == 4
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (2, 16)), jnp.int32)
+  want = fwd(apply_lora(base, adapters, lcfg), tokens, config)
+  assert float(jnp.max(jnp.abs(want - fwd(base, tokens, config)))) > 1e-4  # the adapter did something
+  np.testing.assert_allclose(fwd(merged, tokens, config), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "qlora", "dpo"])
+def test_other_methods_train_and_export(setup, method, tmp_path):
+  # Held-out files carry no preference pairs, so DPO logs no eval_loss; the others evaluate at step 2.
+  summary = run(_cfg(setup, method, steps=2), str(tmp_path))
+  records = _records(tmp_path)
+  assert sorted(records) == [1, 2] and all(np.isfinite(r["loss"]) for r in records.values())
+  config, hf = load_hf_checkpoint(tmp_path / "hf")
+  _, base = load_hf_checkpoint(setup[1])
+  tokens = jnp.arange(3, 19, dtype=jnp.int32)[None]
+  if method == "dpo":
+    assert "reward_margin" in records[2] and "eval_loss" not in records[2]
+    assert abs(records[1]["loss"] - np.log(2)) < 1e-3  # policy == reference at the start
+  if method == "full":
+    assert summary["trainable_params"] == config.num_params() and not os.path.exists(tmp_path / "adapter")
+  if method == "qlora":
+    # The HF folder holds dequantized NF4 base + adapters: exactly the trained model.
+    lcfg, adapters = load_adapter(tmp_path / "adapter", config)
+    quantized = jax.jit(lambda p: quantize_params(p, "nf4"))(base)
+    want = fwd(apply_lora(quantized, adapters, lcfg), tokens, config)
+    np.testing.assert_allclose(fwd(hf, tokens, config), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"method": "sgd"}, "config.method must be one of"),
+    ({"base.checkpoint": ""}, "config.base.checkpoint is empty"),
+    ({"base.checkpoint": "/nonexistent/base"}, "no such folder"),
+    ({"lora.targets": "wqkv,lm_head"}, "config.lora: LoRA targets"),
+    ({"qlora.kind": "fp8", "method": "qlora"}, "config.qlora.kind"),
+    ({"batch_size": 6, "grad_accum": 4}, "divisible by grad_accum"),
+])
+def test_bad_config_is_one_clear_error(setup, override, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(_cfg(setup, "lora", over=override))
+
+
+def test_cli_reports_bad_config_in_one_line(setup, tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "finetune.py"),
+                        f"--workdir={tmp_path}", "--config.base.checkpoint=/nonexistent/base", "--cpu_devices=1"],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith("error: config.base.checkpoint='/nonexistent/base'")
+
+
+def test_shakespeare_tasks_are_deterministic_and_held_out():
+  train, heldout = st.build_tasks(seed=3, tasks=("play", "speaker", "continue"), n_train=60, n_heldout=12)
+  assert (train, heldout) == st.build_tasks(seed=3, tasks=("play", "speaker", "continue"), n_train=60, n_heldout=12)
+  assert [r["task"] for r in train[:3]] == ["play", "speaker", "continue"]
+  quote = lambda r: r["messages"][0]["content"].split('"')[1]
+  mc = lambda records: {quote(r) for r in records if r["task"] != "continue"}
+  assert not mc(heldout) & mc(train)
+  for r in train + heldout:
+    assert r["messages"][-1] == {"role": "assistant", "content": r["answer"]}
+    if r["task"] != "continue":
+      assert len(r["options"]) == 4 and r["answer"] in "ABCD"
+      assert f"{r['answer']}) " in r["messages"][0]["content"]
+  pairs = st.to_preferences(train[:6])
+  assert all(p["chosen"] != p["rejected"] for p in pairs)
