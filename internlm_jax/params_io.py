@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from internlm_jax.config import ConfigError, ModelConfig
 from internlm_jax.model import abstract_params
@@ -104,3 +106,32 @@ def load_training_params(workdir: str | os.PathLike, *, step: int | None = None,
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                                       partial_restore=True))
   return config, restored["params"]
+
+
+def convert(*, from_hf: str | None = None, to: str | None = None, from_ckpt: str | None = None,
+            to_hf: str | None = None, dtype: str | None = None, max_shard_bytes: int = 2**31, mesh=None) -> None:
+  """HF -> params checkpoint (from_hf + to) or params checkpoint / training workdir -> HF (from_ckpt + to_hf)."""
+  from internlm_jax.hf_io import load_hf_checkpoint, save_hf_checkpoint  # noqa: PLC0415  (hf_io is heavier)
+  from internlm_jax.sharding import make_mesh  # noqa: PLC0415
+  to_ckpt = bool(from_hf and to) and not (from_ckpt or to_hf)
+  to_hf_dir = bool(from_ckpt and to_hf) and not (from_hf or to)
+  if not (to_ckpt or to_hf_dir):
+    raise ValueError("give exactly one direction: --from_hf=DIR --to=DIR, or --from_ckpt=DIR --to_hf=DIR")
+  mesh = mesh if mesh is not None else make_mesh(fsdp=-1)
+  if to_ckpt:
+    config, params = load_hf_checkpoint(from_hf, mesh=mesh, dtype=dtype)
+    save_params_checkpoint(to, config, params)
+    _copy_tokenizer(from_hf, to)
+    logging.info("wrote params checkpoint %s (%d params, %s)", to, config.num_params(), config.param_dtype)
+  else:
+    config, params = load_params_checkpoint(from_ckpt, mesh=mesh)
+    save_hf_checkpoint(to_hf, config, params, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    _copy_tokenizer(from_ckpt, to_hf)
+    logging.info("wrote HF folder %s (%d params)", to_hf, config.num_params())
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+  """Carries tokenizer.model along so the converted folder serves and evaluates on its own."""
+  path = os.path.join(src, "tokenizer.model")
+  if os.path.isfile(path) and jax.process_index() == 0:
+    shutil.copyfile(path, os.path.join(dst, "tokenizer.model"))
