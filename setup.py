@@ -46,6 +46,8 @@ setup(
             "torch==2.13.0",
             "transformers>=4.45",
             "peft>=0.12",  # loads our LoRA adapters in the PEFT test
+            "openai>=1.40",  # the official client against our server
+            "schemathesis>=3.30",  # bounded fuzzing of the server's OpenAPI schema (slow test)
         ],
     },
 )

@@ -111,7 +111,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
   @app.exception_handler(StarletteHTTPException)
   async def _http_error(request, exc: StarletteHTTPException):
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return JSONResponse(P.error_body(str(exc.detail), type=kind), status_code=exc.status_code)
+    return JSONResponse(P.error_body(_body_error(exc), type=kind), status_code=exc.status_code)
 
   @app.exception_handler(Exception)
   async def _internal_error(request, exc: Exception):
@@ -147,6 +147,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
   async def completions(req: P.CompletionRequest, http: Request):
     check_model(req.model)
     req.check_supported()
+    _check_unicode(req.prompt, "prompt")
+    _check_unicode(req.stop, "stop")
     raw = req.prompt
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
       raw = [raw]
@@ -223,6 +225,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
   async def chat(req: P.ChatRequest, http: Request):
     check_model(req.model)
     req.check_supported()
+    for name in ("messages", "tools", "stop"):
+      _check_unicode(getattr(req, name), name)
     tools = req.tools if req.tool_choice != "none" else None
     forced = ""
     if isinstance(req.tool_choice, P.NamedToolChoice):
@@ -314,6 +318,35 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
             "usage": P.usage(fin.prompt_tokens, len(fin.token_ids), fin.cached_tokens)}
 
   return app
+
+
+def _body_error(exc: StarletteHTTPException) -> str:
+  """FastAPI answers any failure to read the body with one vague sentence; name the cause instead."""
+  cause = exc.__cause__
+  if isinstance(cause, UnicodeDecodeError):
+    return (f"the request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset "
+            f"{cause.start}); send JSON encoded as UTF-8")
+  if isinstance(cause, RecursionError):
+    return "the request body is not valid JSON: it is nested too deeply"
+  return str(exc.detail)
+
+
+def _check_unicode(value: Any, param: str) -> None:
+  """json.loads accepts escaped lone surrogates ("\\ud800"), which are not text and which the tokenizer
+  cannot encode (a RuntimeError inside sentencepiece): reject them as bad input."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise P.APIError(400, f"{param}: not valid Unicode (lone surrogate {value[e.start]!r} at character "
+                       f"{e.start})", param=param) from None
+  elif isinstance(value, dict):  # keys too: tool schemas are rendered into the prompt whole
+    for k, v in value.items():
+      _check_unicode(k, param)
+      _check_unicode(v, param)
+  elif isinstance(value, list):
+    for v in value:
+      _check_unicode(v, param)
 
 
 async def _guard(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
