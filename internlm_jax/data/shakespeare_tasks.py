@@ -187,19 +187,22 @@ def build_tasks(seed: int = 0, tasks: Sequence[str] = ("play", "speaker"), n_tra
     raise DataError(f"heldout must be 'slice' or 'plays' and 0 < heldout_fraction < 1, got {heldout!r}, "
                     f"{heldout_fraction}")
 
-  def pick(found: list[Play]) -> dict[str, Play]:
+  def pick(found: list[Play], names: Sequence[str] | None) -> dict[str, Play]:
     by_name = {p.name: p for p in found}
-    chosen = {n: by_name[n] for n in (plays if plays is not None else by_name) if n in by_name}
+    unknown = [n for n in names or () if n not in by_name]
+    if unknown:
+      raise DataError(f"unknown or speakerless plays {unknown}; choose from {sorted(by_name)}")
+    chosen = {n: by_name[n] for n in (names if names is not None else by_name)}
     if len(chosen) < num_options and "play" in tasks:
       raise DataError(f"the play task needs at least {num_options} plays, have {sorted(chosen)}")
     if not chosen:
-      raise DataError(f"no plays left after selecting {list(plays or [])}")
+      raise DataError(f"no plays left after selecting {list(names or [])}")
     return chosen
 
   rng = np.random.default_rng(seed)
-  train_plays = pick(load_plays("train"))
-  if heldout == "plays":
-    eval_plays = pick(load_plays("validation"))
+  train_plays = pick(load_plays("train"), plays)
+  if heldout == "plays":  # `plays` selects training plays; the held-out ones are all the validation plays
+    eval_plays = pick(load_plays("validation"), None)
     train_speeches = [s for p in train_plays.values() for s in p.speeches]
     eval_speeches = [s for p in eval_plays.values() for s in p.speeches]
   else:
