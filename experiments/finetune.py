@@ -16,17 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _early_cpu_devices(argv, default=8):
-  # XLA reads the simulated device count once, at backend start: set it before JAX is imported.
-  count = default
-  for arg in argv:
-    if arg.startswith("--cpu_devices="):
-      count = int(arg.split("=", 1)[1])
-  if count > 0 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+from _launch import simulate_cpu_devices  # noqa: E402  (the script folder is on sys.path)
 
-
-_early_cpu_devices(sys.argv)
+simulate_cpu_devices(sys.argv)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
