@@ -1,10 +1,15 @@
-"""LoRA SFT of the pretrained tiny model (configs/pretrain_tiny.py) on the built-in Shakespeare tasks.
+"""LoRA SFT of the pretrained tiny model (configs/pretrain_tiny.py) on the built-in Shakespeare play task.
 
   python experiments/train.py --config=configs/pretrain_tiny.py --workdir=/tmp/tiny
   python experiments/finetune.py --config=configs/sft_lora_tiny.py --workdir=/tmp/tiny_lora \
       --config.base.checkpoint=/tmp/tiny
 
 The other fine-tuning configs (sft_full_tiny, sft_qlora_tiny, dpo_lora_tiny) start from this one.
+
+The demo task ("which of these four plays is this speech from?", options always in the same order, held-out
+speeches) is sized for a CPU: about 4 minutes, held-out accuracy about 30% before (the base always answers
+one letter) and 65-80% after. On this weak 5M base, LoRA learns it only after a few passes over a small set
+(600 questions, 400 steps of 16); one pass over 4000 questions at the same step count stays at chance.
 """
 from ml_collections import config_dict
 
@@ -12,9 +17,9 @@ from ml_collections import config_dict
 def get_config():
   c = config_dict.ConfigDict()
   c.method = "lora"           # full | lora | qlora | dpo
-  c.steps = 300
+  c.steps = 400
   c.batch_size = 8            # global rows per step (packed samples), split over data*fsdp, then grad_accum
-  c.seq_len = 256
+  c.seq_len = 192
   c.grad_accum = 1
   c.seed = 0
   c.log_every = 10
@@ -46,7 +51,7 @@ def get_config():
   c.qlora = config_dict.ConfigDict(dict(kind="nf4", block=64, targets="wqkv,wo,w1,w2,w3"))
   c.dpo = config_dict.ConfigDict(dict(beta=0.1, label_smoothing=0.0))
 
-  c.optimizer = config_dict.ConfigDict(dict(learning_rate=2e-3, min_lr_ratio=0.1, warmup_steps=20, b1=0.9,
+  c.optimizer = config_dict.ConfigDict(dict(learning_rate=1e-3, min_lr_ratio=0.1, warmup_steps=20, b1=0.9,
                                             b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
 
   c.data = config_dict.ConfigDict()
@@ -56,8 +61,9 @@ def get_config():
   c.data.truncation = "turns"
   c.data.on_error = "raise"       # or "skip" (counted in summary.json)
   c.data.shakespeare = config_dict.ConfigDict(dict(
-      tasks="play,speaker", n_train=4000, n_heldout=200, heldout="slice", heldout_fraction=0.2, plays="",
-      num_options=4, max_chars=200, shuffle_options=True, seed=0))
+      tasks="play", n_train=600, n_heldout=200, heldout="slice", heldout_fraction=0.2,
+      plays="hamlet,macbeth,romeo_and_juliet,merchant_of_venice", num_options=4, max_chars=120,
+      shuffle_options=False, seed=0))  # tasks: play, speaker, continue; plays "" = all 32 with speakers
 
   c.eval = config_dict.ConfigDict(dict(heldout_accuracy=True))
   c.output = config_dict.ConfigDict(dict(hf=True, adapter=True, dtype=""))

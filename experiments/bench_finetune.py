@@ -33,6 +33,7 @@ REMAT = flags.DEFINE_string("remat_policy", "full", "remat policy, the same for 
 DTYPE = flags.DEFINE_string("dtype", "", "compute dtype; default bfloat16 on accelerators, float32 on CPU")
 BASE_DTYPE = flags.DEFINE_string("base_dtype", "bfloat16", "storage dtype of the frozen LoRA base")
 RANK = flags.DEFINE_integer("rank", 64, "LoRA rank (XTuner's default 64, alpha 16)")
+TARGETS = flags.DEFINE_list("targets", ["wqkv", "wo", "w1", "w2", "w3", "output"], "LoRA target modules")
 QUANT_OUTPUT = flags.DEFINE_bool("quant_output", False, "QLoRA: also store the output head as NF4")
 METHODS = flags.DEFINE_list("methods", ["full", "lora", "qlora"], "methods to measure")
 
@@ -109,8 +110,8 @@ def measure(method: str, config, batch) -> dict:
   base = init_params(base_config, key)
   if method == "qlora":
     targets = DEFAULT_QUANT_TARGETS + (("output",) if QUANT_OUTPUT.value else ())
-    base = jax.jit(lambda p: quantize_params(p, "nf4", targets=targets), donate_argnums=0)(base)
-  lcfg = LoraConfig(rank=RANK.value, alpha=16.0)
+    base = jax.jit(lambda p: quantize_params(p, "nf4", targets=targets))(base)  # the float base is dropped here
+  lcfg = LoraConfig(rank=RANK.value, alpha=16.0, targets=tuple(TARGETS.value))
   adapters = init_lora(base_config, lcfg, jax.random.key(1))
   state = finetune_step.create_adapter_state(adapters, tx)
   step = finetune_step.make_finetune_step(base_config, lcfg, tx)
@@ -138,7 +139,8 @@ def main(argv):
   results = {m: measure(m, config, batch) for m in METHODS.value}
   out = {"machine": jax.devices()[0].device_kind, "backend": jax.default_backend(), "preset": PRESET.value,
          "params": n, "seq_len": SEQ.value, "batch": BATCH.value, "dtype": config.dtype,
-         "base_dtype": BASE_DTYPE.value, "remat_policy": REMAT.value, "rank": RANK.value, "methods": results}
+         "base_dtype": BASE_DTYPE.value, "remat_policy": REMAT.value, "rank": RANK.value,
+         "targets": TARGETS.value, "quant_output": QUANT_OUTPUT.value, "methods": results}
   for m, r in results.items():
     out[f"{m}_bytes_per_param"] = r["memory"]["peak"] / n
     out[f"{m}_step_seconds"] = r["step_seconds"]

@@ -1,13 +1,22 @@
 """Instruction data built from the Shakespeare corpus, with held-out examples: a task that shows fine-tuning works.
 
 Tasks (each record is an OpenAI-messages SFT record plus gold fields):
-  play      "Which play is this speech from?" with `num_options` lettered titles; answer: the letter.
-  speaker   "Who speaks this line in <play>?" with lettered speakers of that play; answer: the letter.
-  continue  "Continue this speech by <speaker> in <play>:" with the speech's opening lines; answer: its next line.
+  play      "Which play is this speech from?", lettered titles, then the quote attributed to its speaker
+            ("... -- SHYLOCK"); answer: the letter.
+  speaker   "In <play>, who speaks these lines?", lettered speakers of that play, then the quote; answer: the letter.
+  continue  "Continue this speech by <speaker> in <play>:" with up to three lines; answer: the next line.
 
-    train, heldout = build_tasks(seed=0, tasks=("play", "speaker"), n_train=2000, n_heldout=200)
+    train, heldout = build_tasks(seed=0, tasks=("play",), n_train=600, n_heldout=200,
+                                 plays=["hamlet", "macbeth", "romeo_and_juliet", "merchant_of_venice"],
+                                 shuffle_options=False)
     train[0] = {"messages": [{"role": "user", ...}, {"role": "assistant", "content": "C"}],
                 "answer": "C", "options": ["...", ...], "task": "play", "play": "macbeth"}
+
+Options are shuffled per question, or (`shuffle_options=False`) listed in a fixed order: the selected plays in
+the order given, a play's most frequent speakers sorted. With fixed options and as many plays as options every
+play question shows the same list, a 4-way classification with lettered labels; shuffled options additionally
+ask the model to find the right title in the list, which the tiny CPU model does not learn in minutes.
+The question and options come first and the quote last, so the clues sit right before the answer.
 
 Held-out examples, by `heldout`:
   "slice"  a seeded fraction of every play's speeches is set aside; train records never use those speeches. The
@@ -134,8 +143,6 @@ def make_example(task: str, speech: Speech, plays: dict[str, Play], rng: np.rand
     return None
   if task == "play":
     options, letter = _choices(rng, play.title, [p.title for p in plays.values()], num_options, shuffle_options)
-    # The question and options come first and the attributed quote last ("... -- SHYLOCK"), so the clues sit
-    # right before the answer: a small model reads recent tokens far more easily than distant ones.
     prompt = (f"Which play is this speech from? Answer with the letter.\n{_options_text(options)}\n"
               f"\"{_quote(speech.lines, max_chars)}\" -- {speech.speaker}")
     return _record(task, prompt, letter, options=options, play=play.name)

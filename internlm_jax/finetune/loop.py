@@ -10,7 +10,7 @@ resumes bit-exactly, and it writes WORKDIR/metrics.jsonl and WORKDIR/summary.jso
 At the end: WORKDIR/hf (an HF InternLM2 folder of the fine-tuned model, adapters merged, with tokenizer.model)
 and WORKDIR/adapter (PEFT adapter folder). A QLoRA adapter is merged into the dequantized base, the weights it
 was trained against, so the HF folder computes exactly what was evaluated. Multiple-choice held-out records are
-scored before (the base as loaded) and after.
+scored before (the model at step 0: the base, for QLoRA the NF4 base) and after.
 """
 from __future__ import annotations
 
@@ -129,7 +129,6 @@ def run(cfg, workdir: str) -> dict:
   scored = cfg.eval.heldout_accuracy and any(r.get("options") for r in data.heldout)
 
   with jax.set_mesh(mesh):
-    before = choice_accuracy(base, model, tokenizer, data.heldout) if scored else None
     lcfg = None if cfg.method == "full" else lora_config_from(cfg)
     if cfg.method == "full":
       params_sharding = param_shardings(model, mesh)
@@ -142,7 +141,7 @@ def run(cfg, workdir: str) -> dict:
       if cfg.method == "qlora":
         quantize = lambda p: quantize_params(p, cfg.qlora.kind, targets=split_list(cfg.qlora.targets),
                                              block=cfg.qlora.block)
-        base = jax.jit(quantize, donate_argnums=0)(base)  # the float weights are freed once quantized
+        base = jax.jit(quantize)(base)  # rebinding drops the float weights (nothing else holds them)
       params_sharding = lora_shardings(model, lcfg, mesh)
       fresh_state = lambda: create_adapter_state(init_lora(model, lcfg, jax.random.key(cfg.seed), mesh=mesh), tx,
                                                  seed=cfg.seed)
@@ -158,10 +157,19 @@ def run(cfg, workdir: str) -> dict:
       logging.info("resumed from step %d", int(state.step))
     else:
       state = fresh_state()
+    start = int(state.step)
+    # "before" is the model at step 0: the base, or base + zero adapters (exactly the base, or for QLoRA the NF4
+    # base) so that it compiles once with "after".
+    if cfg.method == "full":
+      before_params = base
+    else:
+      before_params = apply_lora(base, jax.tree.map(jnp.zeros_like, state.params), lcfg)
+    stopping = start < cfg.stop_after < cfg.steps  # this invocation ends early: nothing to compare against
+    before = choice_accuracy(before_params, model, tokenizer, data.heldout) if scored and not stopping else None
+    del before_params
     if cfg.method == "full":
       del base  # the state owns the weights now
       base = None
-    start = int(state.step)
 
     common = dict(grad_accum=cfg.grad_accum, state_sharding=shardings, batch_sharding=batch_sharding,
                   lr_schedule=schedule)
@@ -265,8 +273,9 @@ def _write_outputs(cfg, workdir, model, tokenizer, state, base, lcfg) -> dict:
   if cfg.output.hf:
     if lcfg is None:
       params = state.params
-    else:
-      params = merge(dequantize_params(base) if cfg.method == "qlora" else base, state.params, lcfg)
+    else:  # one compiled merge rather than a few eager ops per weight
+      params = jax.jit(lambda b, a: merge(dequantize_params(b) if cfg.method == "qlora" else b, a, lcfg))(
+          base, state.params)
     out["hf"] = os.path.join(workdir, "hf")
     save_hf_checkpoint(out["hf"], model, params, dtype=cfg.output.dtype or None)
     if jax.process_index() == 0:
