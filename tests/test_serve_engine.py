@@ -10,7 +10,7 @@ import pytest
 
 from internlm_jax import forward, make_mesh, quant
 from internlm_jax.quant import quantize_params
-from internlm_jax.serve import sampling
+from internlm_jax.serve import paged_model, sampling
 from internlm_jax.serve.engine import Engine, EngineConfig
 from internlm_jax.serve.kv_cache import CacheFullError, PageAllocator, RequestTooLargeError, page_hashes
 from internlm_jax.serve.sampling import SamplingParams, TextStream
@@ -313,8 +313,9 @@ def test_int8_kv_and_kernel_paths_track_the_reference(model, reference_run, kv_d
 
 
 @pytest.mark.parametrize("mode,max_err", [("int8", 0.015), ("int4", 0.2)])  # measured 0.007, 0.11
-def test_quantized_weights_serve_and_stay_close(model, mode, max_err):
+def test_quantized_weights_serve_and_stay_close(model, mode, max_err, monkeypatch):
   config, params = model
+  monkeypatch.setattr(paged_model, "_CHUNK_ELEMENTS", (512, 512))  # blocks of a few rows even in a tiny model
   qparams = quantize_params(params, mode, group_size=32 if mode == "int4" else None)
   matmuls = lambda p: quant.nbytes([p["layers"], p["output"]])  # the embedding stays float
   assert matmuls(qparams) < matmuls(params) * (0.3 if mode == "int8" else 0.2)
@@ -322,7 +323,14 @@ def test_quantized_weights_serve_and_stay_close(model, mode, max_err):
   dense, quantized = forward(params, tokens, config), forward(qparams, tokens, config)
   err = float(jnp.mean(jnp.abs(dense - quantized)) / jnp.std(dense))
   assert err < max_err, err
-  mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
-  engine = Engine(qparams, config, EC, mesh=mesh)  # sharded QArrays through the paged path
-  _, prefix = engine.prefill(engine.init_state(), tokens[0].tolist())
-  np.testing.assert_allclose(prefix.logits, quantized[0, -1], atol=1e-5)
+  # One device: weights dequantized a block of rows at a time; on a mesh: sharded QArrays, whole.
+  for mesh in (None, make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])):
+    engine = Engine(qparams, config, EC, mesh=mesh)
+    state, prefix = engine.prefill(engine.init_state(), tokens[0].tolist()[:-2])
+    tokens_in = list(prefix.tokens)
+    np.testing.assert_allclose(prefix.logits, quantized[0, -3], atol=1e-5)
+    state = engine.insert(prefix, state, 0, GREEDY, [], seed=0)
+    engine.reserve(0, 2)
+    state, result = engine.generate(state, steps=2)
+    ref = forward(qparams, jnp.asarray([tokens_in + result.tokens[:, 0].tolist()], jnp.int32), config)[0, -1]
+    np.testing.assert_allclose(state.slots.logits[0], ref, atol=1e-5)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from internlm_jax.config import ModelConfig
-from internlm_jax import quant
 from internlm_jax.serve import paged_model, sampling
 from internlm_jax.serve.kv_cache import (CacheFullError, PagedKVCache, PageAllocator, RequestTooLargeError,
                                          init_paged_cache, page_hashes, pages_for_budget)
@@ -117,13 +116,14 @@ class Engine:
       raise ValueError(f"prefill_chunk must be a power of two >= 16, got {ec.prefill_chunk}")
     self.use_kernel = (jax.default_backend() in ("gpu", "tpu") if ec.attention_kernel is None
                        else ec.attention_kernel)
-    if mesh is not None:  # quant.param_shardings also covers int8/int4 (QArray) weights
-      params = jax.device_put(params, quant.param_shardings(config, params, mesh, rules))
-    self.params = params
+    # Per-layer, [out, in] weights (paged_model.serving_params), placed on the mesh; the stacked params are not
+    # kept, so the engine holds one copy of the weights.
+    self.params = paged_model.serving_params(params, config, mesh, rules)
+    self._chunked = mesh is None
     self.allocator = PageAllocator(num_pages, ec.page_size, ec.max_slots, self.pages_per_seq, ec.prefix_caching)
     self._uploaded_version = -1
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("top_n",), donate_argnums=(1,))
-    self._generate = jax.jit(self._generate_fn, static_argnames=("steps",), donate_argnums=(1,))
+    self._generate = jax.jit(self._generate_fn, static_argnames=("steps", "width"), donate_argnums=(1,))
     self._insert = jax.jit(_slot_update, donate_argnums=(0,))
 
   # ---- jitted bodies ----------------------------------------------------------------------------------------
@@ -132,14 +132,17 @@ class Engine:
 
   def _prefill_fn(self, params, cache, tokens, targets, start, n_valid, table, *, top_n):
     logits, cache = paged_model.prefill_chunk(params, cache, tokens, start, n_valid, table, config=self.config,
-                                              rules=self.rules)
+                                              rules=self.rules, chunked=self._chunked)
     logits = logits[0]  # [C, V]
     last = jnp.take(logits, n_valid - 1, axis=0)
     if top_n is None:
       return cache, last, None
     return cache, last, sampling.token_logprobs(logits, targets, max(top_n, 1))
 
-  def _generate_fn(self, params, state: DecodeState, *, steps):
+  def _generate_fn(self, params, state: DecodeState, *, steps, width):
+    # Attention reads only the first `width` pages of each slot: enough for every active slot's tokens.
+    table = state.page_table[:, :width]
+
     def step(carry, _):
       cache, s = carry
       keys = sampling.request_keys(s.seed, s.step)
@@ -157,9 +160,9 @@ class Engine:
       top_lp, top_ids = jax.lax.cond(
           jnp.any(s.want_top & valid), lambda: tuple(jax.lax.top_k(all_logprobs, top)),
           lambda: (jnp.zeros(token.shape + (top,), jnp.float32), jnp.zeros(token.shape + (top,), jnp.int32)))
-      logits, cache = paged_model.decode_step(params, cache, token, s.lengths, state.page_table, valid,
+      logits, cache = paged_model.decode_step(params, cache, token, s.lengths, table, valid,
                                               config=self.config, rules=self.rules, mesh=self.mesh,
-                                              use_kernel=self.use_kernel)
+                                              use_kernel=self.use_kernel, chunked=self._chunked)
       stopped = jnp.any(token[:, None] == s.stop_ids, axis=-1)
       rows = jnp.arange(token.shape[0])
       inc = valid.astype(jnp.int32)
@@ -309,8 +312,11 @@ class Engine:
     """`steps` (default steps_per_call) decode steps for every active slot, one device-to-host copy."""
     steps = steps or self.ec.steps_per_call
     state = self._sync_table(state)
+    # Page-table width: a power of two covering the longest slot after `steps` more tokens (few compiled shapes).
+    longest = int(self.allocator.lengths.max(initial=0)) + steps
+    width = min(_next_pow2(self.allocator.pages_for(longest)), self.pages_per_seq)
     with self._ctx():
-      state, out = self._generate(self.params, state, steps=steps)
+      state, out = self._generate(self.params, state, steps=steps, width=width)
     tokens, valid, logprob, top_ids, top_lp = jax.device_get(out)
     self.allocator.lengths += valid.sum(axis=0).astype(np.int32)
     return state, StepResult(tokens, valid, logprob, top_ids, top_lp)

@@ -1,18 +1,27 @@
-"""InternLM2 forward passes over the paged KV cache, built from model.py's weights and helpers.
+"""InternLM2 forward passes over the paged KV cache, built from model.py's helpers on serving-layout weights.
 
 Shapes: B slots, C chunk tokens, E embed, V vocab, H query heads, K kv heads, G = H / K, D head_dim,
 P pages, ps page_size, pps pages per sequence (page-table width), n context pages gathered for a prefill chunk.
 
+  serving_params: model params -> the same weights laid out for decoding (see below), once at engine start-up
   prefill_chunk: tokens [1, C] of one sequence at positions start .. start + C - 1 (the first n_valid real, the
                  rest padding), table [n] that sequence's first n pages -> logits [1, C, V], cache
-  decode_step:   tokens [B] one per slot, lengths [B], page_table [B, pps], active [B] -> logits [B, V], cache
+  decode_step:   tokens [B] one per slot, lengths [B], page_table [B, w], active [B] -> logits [B, V], cache
 
-Numerics follow model._block exactly (same einsums, dtypes and rope), so paged logits equal `model.forward`.
+Serving layout: "layers" is a tuple of per-layer dicts (XLA:CPU copies a weight sliced out of a stacked [L, ...]
+array inside jit before every dot: 5x the bytes of a batch-1 step), and every matmul weight is 2-D [out, in],
+contraction last, which XLA:CPU's dot reads fastest (up to 3x at batch 32 against [in, out]). Quantized weights
+stay QArrays in the same [out, in] form; on one device they are dequantized a block of output rows at a time
+inside a loop, so the float copy of a block stays in cache instead of a whole dequantized matrix going through
+memory (XLA:CPU does not fuse an int8 -> float convert into a dot).
+
+Numerics follow model._block (same products, dtypes and rope), so paged logits equal `model.forward`.
 Idle slots and padding tokens write their keys/values to the scratch page 0 and attend to nothing.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import chex
 import jax
@@ -22,22 +31,103 @@ from jax.sharding import PartitionSpec as P
 from internlm_jax import attention as attention_lib
 from internlm_jax import layers
 from internlm_jax.config import ModelConfig
-from internlm_jax.model import _embed, _head
+from internlm_jax.model import _embed
+from internlm_jax.quant import QArray
 from internlm_jax.serve.kv_cache import SCRATCH_PAGE, PagedKVCache
-from internlm_jax.sharding import ShardingRules, constrain
+from internlm_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 from kernels.paged_attention_reference import paged_attention_reference, quantize_kv
 
+# Matmul weight -> (permutation of its per-layer axes to [out..., in...], number of out axes, logical axes of the
+# 2-D [out, in] form). The quantization groups split the last input axis (head_dim for wo).
+_LAYOUT = {"wqkv": ((1, 2, 3, 0), 3, ("kv_heads", "embed")), "wo": ((2, 0, 1), 1, ("embed", "q_heads")),
+           "w1": ((1, 0), 1, ("mlp", "embed")), "w3": ((1, 0), 1, ("mlp", "embed")),
+           "w2": ((1, 0), 1, ("embed", "mlp")), "output": ((1, 0), 1, ("vocab", "embed"))}
+_CHUNK_ELEMENTS = (1 << 17, 1 << 19)  # dequantized block size, rows <= 8 / more (measured best on AVX-512)
 
-def _layer(params, i: int):
-  return jax.tree.map(lambda w: w[i], params["layers"])
+
+def _serving_weight(w, perm, n_out):
+  """One per-layer weight -> [out, in] (dense) or a QArray with q [out, m, g], scale [out, m, 1]."""
+  if not isinstance(w, QArray):
+    w = jnp.transpose(w, perm)
+    return w.reshape(math.prod(w.shape[:n_out]), -1)
+  c = w.q.ndim + w.group_axis  # q's (groups, group) axes are c, c + 1; dense axis c is the contraction
+  assert perm[-1] == c, "the quantized (contraction) axis must end up last"
+  qperm = [a for d in perm for a in ((d,) if d < c else (c, c + 1) if d == c else (d + 1,))]
+  q, scale = jnp.transpose(w.q, qperm), jnp.transpose(w.scale, qperm)
+  out = math.prod(q.shape[:n_out])
+  return QArray(q.reshape(out, -1, q.shape[-1]), scale.reshape(out, -1, 1), -2)
 
 
-def _qkv(x, layer, config: ModelConfig, cos, sin, rules):
+def _weight_sharding(w, logical, mesh, rules):
+  out, inp = logical
+  if not isinstance(w, QArray):
+    return rules.sharding(mesh, logical)
+  # wo's groups axis is (heads, groups of head_dim): it carries the heads' sharding; elsewhere groups are whole.
+  mid = inp if out == "embed" and inp == "q_heads" else None
+  return QArray(rules.sharding(mesh, (out, mid, None if mid else inp)), rules.sharding(mesh, (out, mid, None)), -2)
+
+
+def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules = DEFAULT_RULES):
+  """Model params (stacked [L, ...] layers, float or quant.QArray weights) -> the serving layout: "layers" a tuple
+  of per-layer dicts, matmul weights [out, in]; on `mesh` placed with the weights' logical-axis shardings."""
+  is_q = lambda x: isinstance(x, QArray)
+  stacked = params["layers"]
+
+  @jax.jit
+  def one_layer(stacked, i):
+    layer = jax.tree.map(lambda w: w[i], stacked)
+    return {k: (_serving_weight(w, *_LAYOUT[k][:2]) if k in _LAYOUT else w) for k, w in layer.items()}
+
+  out = {"embed": params["embed"], "norm": params["norm"],
+         "output": jax.jit(lambda w: _serving_weight(w, *_LAYOUT["output"][:2]))(params["output"]),
+         "layers": tuple(one_layer(stacked, i) for i in range(config.num_layers))}
+  if mesh is None:
+    return out
+  def sharding(path, w):
+    name = path[-1].key if hasattr(path[-1], "key") else None
+    if name in _LAYOUT:
+      return _weight_sharding(w, _LAYOUT[name][2], mesh, rules)
+    if name == "embed":
+      return rules.sharding(mesh, ("vocab", "embed"))
+    return rules.sharding(mesh, (None,) * w.ndim)
+  shardings = jax.tree_util.tree_map_with_path(sharding, out, is_leaf=is_q)
+  return jax.device_put(out, shardings)
+
+
+def _chunk_rows(rows: int, out: int, size: int, chunked: bool) -> int:
+  if not chunked:
+    return out
+  budget = max(1, _CHUNK_ELEMENTS[rows > 8] // size)
+  return max(d for d in range(1, min(out, budget) + 1) if out % d == 0)
+
+
+def linear(x, w, dtype, *, chunked: bool = True):
+  """x [..., in] times a serving-layout weight [out, in] -> [..., out] (float32 accumulation for float32)."""
+  if not isinstance(w, QArray):
+    return jnp.einsum("...i,oi->...o", x, w.astype(dtype))
+  out, size = w.shape
+  lead = x.shape[:-1]
+  rows = math.prod(lead)
+  c = _chunk_rows(rows, out, size, chunked)
+  if c == out:
+    return jnp.einsum("...i,oi->...o", x, w.astype(dtype))
+  x2 = x.reshape(rows, size)
+  blocks = (w.q.reshape(out // c, c, *w.q.shape[1:]), w.scale.reshape(out // c, c, *w.scale.shape[1:]))
+
+  def block(_, qs):
+    q, scale = qs
+    return None, jnp.einsum("ni,ci->nc", x2, (q.astype(dtype) * scale.astype(dtype)).reshape(c, size))
+
+  _, y = jax.lax.scan(block, None, blocks)  # [out / c, rows, c]
+  return jnp.moveaxis(y, 0, 1).reshape(*lead, out)
+
+
+def _qkv(x, layer, config: ModelConfig, cos, sin, rules, chunked):
   """Pre-norm and fused projection, then rope: q [B, T, K, G, D], k and v [B, T, K, D]."""
   dtype = jnp.dtype(config.dtype)
-  G = config.q_per_kv
+  G, K, D = config.q_per_kv, config.num_kv_heads, config.head_dim
   h = layers.rms_norm(x, layer["attention_norm"], config.rms_norm_eps)
-  qkv = jnp.einsum("bte,ekgd->btkgd", h, layer["wqkv"].astype(dtype))
+  qkv = linear(h, layer["wqkv"], dtype, chunked=chunked).reshape(*h.shape[:2], K, G + 2, D)
   q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
   q = layers.apply_rope(q, cos, sin)
   k = layers.apply_rope(k, cos, sin)
@@ -45,15 +135,28 @@ def _qkv(x, layer, config: ModelConfig, cos, sin, rules):
   return q, k, v
 
 
-def _finish(x, out, layer, config: ModelConfig, rules):
+def _finish(x, out, layer, config: ModelConfig, rules, chunked):
   """Output projection of attention `out` [B, T, H, D], residual, then the SwiGLU half of the block."""
   dtype = jnp.dtype(config.dtype)
-  x = x + jnp.einsum("bthd,hde->bte", out, layer["wo"].astype(dtype))
+  mm = functools.partial(linear, dtype=dtype, chunked=chunked)
+  x = x + mm(out.reshape(*out.shape[:2], -1), layer["wo"])
   x = constrain(x, ("batch", "seq", "embed"), rules)
   h = layers.rms_norm(x, layer["ffn_norm"], config.rms_norm_eps)
   h = constrain(h, ("batch", "seq", "embed"), rules)
-  x = x + layers.swiglu(h, layer["w1"].astype(dtype), layer["w3"].astype(dtype), layer["w2"].astype(dtype))
+  gate, up = mm(h, layer["w1"]), mm(h, layer["w3"])  # as layers.swiglu
+  hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(h.dtype)
+  x = x + mm(hidden, layer["w2"])
   return constrain(x, ("batch", "seq", "embed"), rules)
+
+
+def _head(params, x, config: ModelConfig, rules, chunked):
+  x = layers.rms_norm(x, params["norm"], config.rms_norm_eps)
+  if x.dtype == jnp.float32:
+    logits = linear(x, params["output"], x.dtype, chunked=chunked)
+  else:  # as model._head: float32 accumulation
+    w = params["output"]
+    logits = jnp.einsum("bte,ve->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  return constrain(logits, ("batch", "seq", "vocab"), rules)
 
 
 def _write(cache: PagedKVCache, i: int, k, v, page_ids, offsets) -> PagedKVCache:
@@ -90,10 +193,10 @@ def _gather(cache: PagedKVCache, i: int, table, num_tokens, dtype):
 
 
 def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *, config: ModelConfig,
-                  rules: ShardingRules | None):
+                  rules: ShardingRules | None, chunked: bool = True):
   """Appends one chunk of a sequence to its pages and returns (logits [1, C, V] float32, cache).
 
-  Queries see every earlier position of the sequence (cached prefix pages, earlier chunks) and the chunk itself
+  `params` are in the serving layout (`serving_params`). Queries see every earlier position of the sequence (cached prefix pages, earlier chunks) and the chunk itself
   causally. The dynamic-NTK base follows the length reached at the end of the chunk, as the dense cache does.
   """
   chex.assert_rank([tokens, table], [2, 1])
@@ -115,13 +218,13 @@ def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *,
   options = {"block_size": config.attention_block_size} if impl == "blockwise" else {}
   x = _embed(params, tokens, config, rules)
   for i in range(config.num_layers):
-    layer = _layer(params, i)
-    q, k, v = _qkv(x, layer, config, cos, sin, rules)
+    layer = params["layers"][i]
+    q, k, v = _qkv(x, layer, config, cos, sin, rules, chunked)
     cache = _write(cache, i, k[0], v[0], page_ids, offsets)
     kc, vc = _gather(cache, i, table, end, dtype)
     out = attention_lib.attend(q, kc, vc, positions, impl=impl, **options)
-    x = _finish(x, out.reshape(1, C, config.num_heads, config.head_dim), layer, config, rules)
-  return _head(params, x, config, rules), cache
+    x = _finish(x, out.reshape(1, C, config.num_heads, config.head_dim), layer, config, rules, chunked)
+  return _head(params, x, config, rules, chunked), cache
 
 
 def _decode_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale, *, use_kernel: bool):
@@ -148,8 +251,12 @@ def decode_attention(q, cache: PagedKVCache, i: int, table, lengths, *, use_kern
 
 
 def decode_step(params, cache: PagedKVCache, tokens, lengths, page_table, active, *, config: ModelConfig,
-                rules: ShardingRules | None, mesh=None, use_kernel: bool = False):
+                rules: ShardingRules | None, mesh=None, use_kernel: bool = False, chunked: bool = True):
   """One token per slot: writes its key/value at position lengths[b] and returns (logits [B, V], cache).
+
+  `params` are in the serving layout (`serving_params`). The page table may be narrower than pages_per_seq: it
+  needs only the pages that hold each active slot's tokens, this step's included (attention reads all of them).
+  `chunked`: dequantize quantized weights a block at a time (one device; on a mesh the sharded rows stay whole).
 
   Inactive slots write to the scratch page and attend to nothing; their logits are meaningless.
   """
@@ -166,10 +273,10 @@ def decode_step(params, cache: PagedKVCache, tokens, lengths, page_table, active
   attend_len = jnp.where(active, lengths + 1, 0)
   x = _embed(params, tokens[:, None], config, rules)
   for i in range(config.num_layers):
-    layer = _layer(params, i)
-    q, k, v = _qkv(x, layer, config, cos, sin, rules)
+    layer = params["layers"][i]
+    q, k, v = _qkv(x, layer, config, cos, sin, rules, chunked)
     cache = _write(cache, i, k[:, 0], v[:, 0], page_ids, offsets)
     q = q.reshape(B, config.num_heads, config.head_dim)
     out = decode_attention(q, cache, i, page_table, attend_len, use_kernel=use_kernel, mesh=mesh, rules=rules)
-    x = _finish(x, out.reshape(B, 1, config.num_heads, config.head_dim), layer, config, rules)
-  return _head(params, x, config, rules)[:, 0], cache
+    x = _finish(x, out.reshape(B, 1, config.num_heads, config.head_dim), layer, config, rules, chunked)
+  return _head(params, x, config, rules, chunked)[:, 0], cache
