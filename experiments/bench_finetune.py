@@ -8,7 +8,9 @@ state, batch) + temporaries (activations, gradients, per-layer merged or dequant
 aliased to donated inputs; it is what the step needs resident, independent of allocator behaviour. Per method:
   full   float32 master weights + AdamW moments, the pretraining step (train.step.make_train_step)
   lora   frozen base in --base_dtype (bfloat16), float32 adapters + moments (train.finetune_step)
-  qlora  frozen base NF4 (block 64, float32 scales; --quant_output also quantizes the output head), as lora
+  qlora  frozen base NF4 (block 64, float32 scales), born quantized layer by layer (quant_nf4.init_quantized_params:
+         the float base never exists); by default the embedding and output head too (--qlora_targets), which the
+         loss reads row by row and one vocabulary chunk at a time (train.finetune_step.base_cross_entropy_sums)
 Bytes per parameter divide by the base model's parameter count. Times are medians of --steps steps after two
 warm-up steps; `base_fwd_bwd` is the forward + backward (all weight gradients, no optimizer) of the lora base, the
 bar the issue sets for a LoRA step (lora_step_vs_base <= 1.1).
@@ -33,8 +35,10 @@ REMAT = flags.DEFINE_string("remat_policy", "full", "remat policy, the same for 
 DTYPE = flags.DEFINE_string("dtype", "", "compute dtype; default bfloat16 on accelerators, float32 on CPU")
 BASE_DTYPE = flags.DEFINE_string("base_dtype", "bfloat16", "storage dtype of the frozen LoRA base")
 RANK = flags.DEFINE_integer("rank", 64, "LoRA rank (XTuner's default 64, alpha 16)")
-TARGETS = flags.DEFINE_list("targets", ["wqkv", "wo", "w1", "w2", "w3", "output"], "LoRA target modules")
-QUANT_OUTPUT = flags.DEFINE_bool("quant_output", False, "QLoRA: also store the output head as NF4")
+TARGETS = flags.DEFINE_list("targets", ["wqkv", "wo", "w1", "w2", "w3"], "LoRA target modules (XTuner's default: "
+                            "every Linear but the output head)")
+QLORA_TARGETS = flags.DEFINE_list("qlora_targets", ["embed", "wqkv", "wo", "w1", "w2", "w3", "output"],
+                                  "QLoRA: weights stored as NF4 (the embedding and head are 57% of bench-300m)")
 METHODS = flags.DEFINE_list("methods", ["full", "lora", "qlora"], "methods to measure")
 
 
@@ -85,7 +89,7 @@ def measure(method: str, config, batch) -> dict:
   import jax.numpy as jnp
   from internlm_jax.lora import LoraConfig, init_lora
   from internlm_jax.model import init_params
-  from internlm_jax.quant_nf4 import DEFAULT_QUANT_TARGETS, quantize_params
+  from internlm_jax.quant_nf4 import init_quantized_params
   from internlm_jax.train import finetune_step
   from internlm_jax.train.optimizer import OptimizerConfig, make_optimizer
   from internlm_jax.train.state import TrainState
@@ -107,10 +111,10 @@ def measure(method: str, config, batch) -> dict:
     return {"memory": memory, "step_seconds": _median_seconds(call, STEPS.value), "trainable": config.num_params()}
 
   base_config = config.replace(param_dtype=BASE_DTYPE.value)
-  base = init_params(base_config, key)
   if method == "qlora":
-    targets = DEFAULT_QUANT_TARGETS + (("output",) if QUANT_OUTPUT.value else ())
-    base = jax.jit(lambda p: quantize_params(p, "nf4", targets=targets))(base)  # the float base is dropped here
+    base = init_quantized_params(base_config, key, "nf4", targets=QLORA_TARGETS.value)
+  else:
+    base = init_params(base_config, key)
   lcfg = LoraConfig(rank=RANK.value, alpha=16.0, targets=tuple(TARGETS.value))
   adapters = init_lora(base_config, lcfg, jax.random.key(1))
   state = finetune_step.create_adapter_state(adapters, tx)
@@ -126,6 +130,7 @@ def measure(method: str, config, batch) -> dict:
   if method == "lora":
     from internlm_jax.train.step import cross_entropy_sums
     grad = jax.jit(jax.grad(lambda p, b: cross_entropy_sums(p, b, base_config)[0]))
+    result["base_fwd_bwd_memory"] = _memory(grad, base, batch)
     result["base_fwd_bwd_seconds"] = _median_seconds(lambda: grad(base, batch), STEPS.value)
   return result
 
@@ -140,7 +145,7 @@ def main(argv):
   out = {"machine": jax.devices()[0].device_kind, "backend": jax.default_backend(), "preset": PRESET.value,
          "params": n, "seq_len": SEQ.value, "batch": BATCH.value, "dtype": config.dtype,
          "base_dtype": BASE_DTYPE.value, "remat_policy": REMAT.value, "rank": RANK.value,
-         "targets": TARGETS.value, "quant_output": QUANT_OUTPUT.value, "methods": results}
+         "targets": TARGETS.value, "qlora_targets": QLORA_TARGETS.value, "methods": results}
   for m, r in results.items():
     out[f"{m}_bytes_per_param"] = r["memory"]["peak"] / n
     out[f"{m}_step_seconds"] = r["step_seconds"]

@@ -1,5 +1,17 @@
 """A frozen base stored as NF4 (4-bit NormalFloat, block-wise absmax scales) or int8 (per output channel),
-dequantized inside the jitted forward: the QLoRA base. (Serving quantization lives in `quant.py`.)
+dequantized inside the jitted forward: the QLoRA base for fine-tuning.
+
+How this differs from `quant.py` (serving; owned with serve/, deliberately separate):
+  quant.py       serving weights: symmetric int8 per output channel or int4 group-wise along the contraction
+                 axis (`QArray`, native int4 dtype), plus the int8 KV cache; read by the decode step, where
+                 bytes per token dominate. Its embedding stays in float.
+  quant_nf4.py   the QLoRA base: NF4 (normal-quantile levels, blocks of consecutive elements, as bitsandbytes /
+                 XTuner) or int8; packed uint8 codes; built for training memory: weights can be born quantized
+                 (`init_quantized_params`) or quantized one layer at a time, the embedding can be NF4 too (rows
+                 decoded per batch, `gather_embedding`) and a quantized output head is read one vocabulary chunk at
+                 a time by the loss (`quantized_head_cross_entropy`). Adapters merge into `dequantize_params`.
+Both answer `.astype(dtype)` with the dequantized weight, the only way model.py reads a projection weight; the
+formats are not interchangeable (a QLoRA export is merged to float first, see finetune/loop.py).
 
 Shapes: lead = (L,) for stacked layer weights, () for the output head; W = [*lead, *in_dims, *out_dims] as in
 model.param_specs; n = prod(W.shape[len(lead):]) elements per layer; nb = ceil(n / block) blocks.
@@ -17,7 +29,9 @@ Double quantization of the scales (XTuner's QLoRA) is not done: float32 scales c
 
 `QuantizedWeight.astype(dtype)` dequantizes, which is all model.py asks of a projection weight (see lora.py): a
 quantized params tree runs through `model.forward` as is, layer by layer inside the scan, and stays quantized in
-memory. Embedding and norm weights are never quantized (the embedding is gathered, not multiplied).
+memory. Norm weights are never quantized; the embedding only on request (target "embed"): model.py gathers it
+with jnp.take, so callers decode the batch's rows first (`gather_embedding`; finetune_step, dpo and the
+fine-tuning evaluation do).
 """
 from __future__ import annotations
 
@@ -127,16 +141,111 @@ def quantize(w: jax.Array, kind: str = "nf4", *, n_lead: int = 0, n_in: int = 1,
   return QuantizedWeight(packed, scale[..., 0], kind, inner, block, jnp.dtype(w.dtype).name)
 
 
+def _nf4_decode(packed: jax.Array, scales: jax.Array, block: int) -> jax.Array:
+  """float32 [..., nb * block] from packed codes [..., nb * block / 2] and their block scales [..., nb]."""
+  codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1, block))
+  values = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)] * scales.astype(jnp.float32)[..., None]
+  return values.reshape(packed.shape[:-1] + (-1,))
+
+
 def dequantize(q: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
   """The weight [*lead, *inner_shape] in `dtype` (float32 arithmetic, one cast at the end)."""
   if q.kind == "int8":
     return (q.codes.astype(jnp.float32) * q.scales.astype(jnp.float32)).astype(dtype)
   lead = q.lead
-  low, high = q.codes & 0xF, q.codes >> 4
-  codes = jnp.stack([low, high], axis=-1).reshape(lead + (-1, q.block))
-  values = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)] * q.scales.astype(jnp.float32)[..., None]
   n = math.prod(q.inner_shape)
-  return values.reshape(lead + (-1,))[..., :n].reshape(lead + q.inner_shape).astype(dtype)
+  return _nf4_decode(q.codes, q.scales, q.block)[..., :n].reshape(lead + q.inner_shape).astype(dtype)
+
+
+def _rows_whole_blocks(q: QuantizedWeight) -> bool:
+  """True when each row of a 2-D [R, C] NF4 weight is whole blocks (C % block == 0), so rows and column
+  ranges can be decoded on their own."""
+  return q.kind == "int8" or (len(q.inner_shape) == 2 and not q.lead and q.inner_shape[1] % q.block == 0)
+
+
+def take_rows(q: QuantizedWeight, index: jax.Array) -> jax.Array:
+  """dequantize(q)[index] for a 2-D [R, C] weight (the embedding) without decoding the other rows:
+  [*index.shape, C] in the weight's original dtype."""
+  R, C = q.inner_shape
+  if not _rows_whole_blocks(q):
+    return jnp.take(dequantize(q, q.dtype), index, axis=0)
+  if q.kind == "int8":
+    return (jnp.take(q.codes, index, axis=0).astype(jnp.float32) * q.scales[0].astype(jnp.float32)).astype(q.dtype)
+  codes = jnp.take(q.codes.reshape(R, C // 2), index, axis=0)
+  scales = jnp.take(q.scales.reshape(R, C // q.block), index, axis=0)
+  return _nf4_decode(codes, scales, q.block).astype(q.dtype)
+
+
+def column_slice(q: QuantizedWeight, start, size: int, dtype=jnp.float32) -> jax.Array:
+  """dequantize(q)[:, start:start + size] for a 2-D [R, C] weight (the output head); `start` may be traced.
+  NF4 needs C, start and size to be multiples of the block (see `vocab_chunk`)."""
+  R, C = q.inner_shape
+  if q.kind == "int8":
+    codes = jax.lax.dynamic_slice_in_dim(q.codes, start, size, axis=1)
+    scales = jax.lax.dynamic_slice_in_dim(q.scales, start, size, axis=1)
+    return (codes.astype(jnp.float32) * scales.astype(jnp.float32)).astype(dtype)
+  codes = jax.lax.dynamic_slice_in_dim(q.codes.reshape(R, C // 2), start // 2, size // 2, axis=1)
+  scales = jax.lax.dynamic_slice_in_dim(q.scales.reshape(R, C // q.block), start // q.block, size // q.block, axis=1)
+  return _nf4_decode(codes, scales, q.block).astype(dtype)
+
+
+def vocab_chunk(q: QuantizedWeight, max_chunk: int = 4096) -> int | None:
+  """Columns per chunk for `quantized_head_cross_entropy`: whole NF4 blocks, at most max_chunk (None when the
+  columns are not whole blocks, e.g. a vocabulary that is not a multiple of the block)."""
+  if len(q.inner_shape) != 2 or q.lead:
+    return None
+  C = q.inner_shape[1]
+  unit = 1 if q.kind == "int8" else q.block
+  if C % unit:
+    return None
+  return min(C, max(unit, max_chunk // unit * unit))
+
+
+def quantized_head_cross_entropy(x: jax.Array, q: QuantizedWeight, targets: jax.Array, *,
+                                 max_chunk: int = 4096) -> jax.Array:
+  """Per-token cross-entropy float32 [B, T] of the logits x @ dequantize(q) against targets [B, T], for a frozen
+  quantized output head [E, V]: the head is decoded one vocabulary chunk at a time inside a rematerialized scan
+  (an online log-sum-exp), so neither the dequantized head nor the [B, T, V] logits ever exist; memory is
+  O(B * T * chunk + E * chunk). The last chunk is shifted back to end at V and its columns already seen are
+  masked. Gradients flow to x only (the head is frozen)."""
+  B, T, E = x.shape
+  chunk = vocab_chunk(q, max_chunk)
+  if chunk is None:
+    raise ValueError(f"head {q} cannot be split into whole blocks; dequantize it instead")
+  V = q.inner_shape[1]
+  n = -(-V // chunk)
+  x2 = x.reshape(B * T, E)
+  t2 = targets.reshape(B * T)
+
+  @jax.checkpoint
+  def body(carry, i):
+    peak, total, target_logit = carry
+    first = i * chunk                      # the first column this chunk is responsible for
+    start = jnp.minimum(first, V - chunk)  # where it reads from (shifted back for the last chunk)
+    logits = jnp.dot(x2, column_slice(q, start, chunk, x.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.where(start + jnp.arange(chunk) >= first, logits, -jnp.inf)
+    new_peak = jnp.maximum(peak, jax.lax.stop_gradient(jnp.max(logits, axis=-1)))
+    total = total * jnp.exp(peak - new_peak) + jnp.sum(jnp.exp(logits - new_peak[:, None]), axis=-1)
+    inside = (t2 >= first) & (t2 < start + chunk)
+    picked = jnp.take_along_axis(logits, jnp.clip(t2 - start, 0, chunk - 1)[:, None], axis=-1)[:, 0]
+    return (new_peak, total, target_logit + jnp.where(inside, picked, 0.0)), None
+
+  init = (jnp.full((B * T,), -jnp.inf, jnp.float32), jnp.zeros((B * T,), jnp.float32),
+          jnp.zeros((B * T,), jnp.float32))
+  (peak, total, target_logit), _ = jax.lax.scan(body, init, jnp.arange(n))
+  return (jnp.log(total) + peak - target_logit).reshape(B, T)
+
+
+def gather_embedding(params: Params, tokens: jax.Array) -> tuple[Params, jax.Array]:
+  """(params, tokens) for `model.forward` / `hidden_states` when the embedding is quantized: the rows of these
+  tokens are decoded up front and the tokens renumbered to index them (model.py gathers with jnp.take, which a
+  QuantizedWeight cannot serve). Unchanged when the embedding is a plain array."""
+  embed = params["embed"]
+  if not isinstance(embed, QuantizedWeight):
+    return params, tokens
+  rows = take_rows(embed, tokens.reshape(-1))
+  local = jnp.arange(tokens.size, dtype=tokens.dtype).reshape(tokens.shape)
+  return dict(params, embed=rows), local
 
 
 def error_bound(w: jax.Array, q: QuantizedWeight) -> jax.Array:
@@ -149,27 +258,109 @@ def error_bound(w: jax.Array, q: QuantizedWeight) -> jax.Array:
   return per_elem.reshape(w.shape)
 
 
+# name -> (path in the params tree, input dims after the layer axis): LoRA's projections plus the embedding.
+QUANT_TARGETS: dict[str, tuple[tuple[str, ...], int]] = {
+    "embed": (("embed",), 1), **{name: (t[0], t[1]) for name, t in TARGETS.items()}}
+
+
+def _row_groups(shape: tuple[int, ...], kind: str, block: int, max_elems: int = 1 << 22) -> int:
+  """How many row groups a 2-D NF4 weight can be quantized in, one at a time, with the same codes as in one
+  piece (each group whole blocks); 1 for int8 (its scales span all rows) and for small weights."""
+  if kind != "nf4" or len(shape) != 2:
+    return 1
+  R, C = shape
+  for g in range(max(1, -(-R * C // max_elems)), R + 1):
+    if R % g == 0 and (R // g * C) % block == 0:
+      return g
+  return 1
+
+
+def _quantize_one(make, shape, kind, n_lead, n_in, block, scale_dtype) -> QuantizedWeight:
+  """quantize(make(index)) one layer (n_lead=1) or one row group (2-D NF4) at a time under lax.map, so only one
+  slice of the float weight exists at once; `make(i)` returns slice i (a layer, or a group of rows)."""
+  if n_lead == 1:
+    return jax.lax.map(lambda i: quantize(make(i), kind, n_in=n_in, block=block, scale_dtype=scale_dtype),
+                       jnp.arange(shape[0]))
+  groups = _row_groups(shape, kind, block)
+  if groups == 1:
+    return quantize(make(None), kind, n_in=n_in, block=block, scale_dtype=scale_dtype)
+  part = jax.lax.map(lambda i: quantize(make(i), kind, n_in=n_in, block=block, scale_dtype=scale_dtype),
+                     jnp.arange(groups))
+  return QuantizedWeight(part.codes.reshape(-1), part.scales.reshape(-1), kind, shape, block, part.orig_dtype)
+
+
+def _resolve(targets: Sequence[str]) -> list[str]:
+  unknown = [t for t in targets if t not in QUANT_TARGETS]
+  if unknown:
+    raise ValueError(f"quantization targets must be from {sorted(QUANT_TARGETS)}, got {unknown}")
+  return list(targets)
+
+
 def quantize_params(params: Params, kind: str = "nf4", *, targets: Sequence[str] = DEFAULT_QUANT_TARGETS,
                     block: int = 64, scale_dtype: str = "float32") -> Params:
-  """A params tree whose targeted projection weights are QuantizedWeight nodes; the rest are untouched.
+  """A params tree whose targeted weights are QuantizedWeight nodes; the rest are untouched.
 
-  Run it under jit (or on sharded params) to quantize on device; use `jax.jit(..., donate_argnums=0)` to drop
-  the float weights as soon as they are quantized.
+  Stacked layer weights are quantized one layer at a time (and a 2-D NF4 weight one row group at a time), so
+  the float32 working copy is one layer, not the whole stack. Run it under jit (or on sharded params) to
+  quantize on device. To never hold the float base at all, build it quantized (`init_quantized_params`) or
+  quantize each weight as it is loaded.
   """
   _check_kind(kind)
-  unknown = [t for t in targets if t not in TARGETS]
-  if unknown:
-    raise ValueError(f"quantization targets must be from {sorted(TARGETS)}, got {unknown}")
   out = dict(params)
-  for name in targets:
-    path, n_in, _, _ = TARGETS[name]
+  for name in _resolve(targets):
+    path, n_in = QUANT_TARGETS[name]
     node = out
     for k in path[:-1]:
       node[k] = dict(node[k])
       node = node[k]
-    node[path[-1]] = quantize(node[path[-1]], kind, n_lead=1 if path[0] == "layers" else 0, n_in=n_in,
-                              block=block, scale_dtype=scale_dtype)
+    w = node[path[-1]]
+    n_lead = 1 if path[0] == "layers" else 0
+    groups = 1 if n_lead else _row_groups(w.shape, kind, block)
+    if n_lead:
+      make = lambda i, w=w: w[i]
+    else:
+      make = lambda i, w=w, g=groups: w if i is None else jax.lax.dynamic_slice_in_dim(
+          w, i * (w.shape[0] // g), w.shape[0] // g)
+    node[path[-1]] = _quantize_one(make, w.shape, kind, n_lead, n_in, block, scale_dtype)
   return out
+
+
+def init_quantized_params(config, key: jax.Array, kind: str = "nf4", *,
+                          targets: Sequence[str] = DEFAULT_QUANT_TARGETS, block: int = 64,
+                          scale_dtype: str = "float32") -> Params:
+  """Random params like `model.init_params` (N(0, initializer_range), ones for norms) with the targeted weights
+  born quantized: each is generated and quantized one layer (or row group) at a time inside one jit, so the
+  float weights never exist whole. For benchmarks and tests of QLoRA memory at sizes where the float base
+  would not fit."""
+  from internlm_jax.model import ParamSpec, param_specs  # noqa: PLC0415  (model imports nothing from here)
+  _check_kind(kind)
+  specs = param_specs(config)
+  dtype = jnp.dtype(config.param_dtype)
+  chosen = {QUANT_TARGETS[t][0]: QUANT_TARGETS[t][1] for t in _resolve(targets)}
+  flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+
+  def make_all(key):
+    out = []
+    for k, (path, spec) in zip(jax.random.split(key, len(flat)), flat):
+      path = tuple(p.key for p in path)
+      normal = lambda k, shape: (config.initializer_range * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+      if spec.init == "ones":
+        out.append(jnp.ones(spec.shape, dtype))
+      elif path not in chosen:
+        out.append(normal(k, spec.shape))
+      else:
+        n_lead = 1 if path[0] == "layers" else 0
+        groups = 1 if n_lead else _row_groups(spec.shape, kind, block)
+        if n_lead:
+          make = lambda i, k=k, s=spec.shape: normal(jax.random.fold_in(k, i), s[1:])
+        else:
+          rows = spec.shape[0] // groups
+          make = lambda i, k=k, s=spec.shape, r=rows: normal(k if i is None else jax.random.fold_in(k, i),
+                                                             s if i is None else (r,) + s[1:])
+        out.append(_quantize_one(make, spec.shape, kind, n_lead, chosen[path], block, scale_dtype))
+    return jax.tree.unflatten(treedef, out)
+
+  return jax.jit(make_all)(key)
 
 
 def dequantize_params(params: Params, dtype=None) -> Params:

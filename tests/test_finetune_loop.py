@@ -205,22 +205,23 @@ def test_shakespeare_tasks_are_deterministic_and_held_out():
 
 @pytest.mark.slow
 def test_lora_beats_the_pretrained_model_on_held_out_questions(tmp_path):
-  """The demo: pretrain the tiny model on Shakespeare, LoRA-tune it on the play task, compare held-out accuracy."""
+  """The demo with the configs as committed: pretrain the tiny model on Shakespeare (configs/pretrain_tiny.py,
+  200 steps), LoRA-tune it on the play task (configs/sft_lora_tiny.py, 400 steps), compare held-out accuracy.
+  About 6 minutes on 2 CPU cores; measured 2026-11-29: 30.5% before, 46.5% after (200 questions, chance 25%)."""
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   one_device = ["--cpu_devices=1", "--config.mesh.fsdp=1", "--config.progress=False"]
   pre = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
                         "--config=" + os.path.join(ROOT, "configs", "pretrain_tiny.py"), f"--workdir={tmp_path / 'pre'}",
-                        "--config.steps=120", "--config.sample_tokens=0", *one_device],
+                        "--config.sample_tokens=0", *one_device],
                        env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
   assert pre.returncode == 0, pre.stderr[-3000:]
   ft = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "finetune.py"),
                        "--config=" + os.path.join(ROOT, "configs", "sft_lora_tiny.py"), f"--workdir={tmp_path / 'ft'}",
-                       f"--config.base.checkpoint={tmp_path / 'pre'}", "--config.output.hf=False",
-                       "--config.steps=80", "--config.eval_every=40", "--config.checkpoint_every=40", *one_device],
+                       f"--config.base.checkpoint={tmp_path / 'pre'}", "--config.output.hf=False", *one_device],
                       env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
   assert ft.returncode == 0, ft.stderr[-3000:]
   found = re.search(r"held-out accuracy: before ([\d.]+)%, after ([\d.]+)%", ft.stdout)
   assert found, ft.stdout[-2000:]
   before, after = float(found.group(1)), float(found.group(2))
-  assert after > before, ft.stdout[-2000:]  # the notebook's budget (120 + 80 steps): 17.5% -> 24.5% there
+  assert after >= before + 8.0, ft.stdout[-2000:]  # seeded, so it reproduces: +16 points measured

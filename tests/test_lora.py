@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from internlm_jax import PRESETS, forward, init_params, make_mesh
@@ -267,3 +268,41 @@ def test_qlora_forward_at_init(base):
   assert float(jnp.abs(qlora - full).max()) < 0.2 * float(jnp.abs(full).max())
   q8 = _fwd(Q.quantize_params(base, "int8", targets=list(L.TARGETS)), tokens)
   np.testing.assert_allclose(q8, full, atol=0.02 * float(jnp.abs(full).max()))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_embedding_rows_and_head_chunks_match_the_dequantized_weight(kind):
+  w = jax.random.normal(jax.random.key(0), (64, 640)) * 0.02
+  q = Q.quantize(w, kind)
+  d = Q.dequantize(q)
+  idx = jnp.array([[3, 5], [63, 0]])
+  np.testing.assert_array_equal(Q.take_rows(q, idx), d[idx])
+  np.testing.assert_array_equal(Q.column_slice(q, 128, 256), d[:, 128:384])
+  x = jax.random.normal(jax.random.key(1), (2, 8, 64))
+  t = jax.random.randint(jax.random.key(2), (2, 8), 0, 640)
+  # 640 columns in chunks of 192: the last chunk overlaps the one before and must not count its columns twice.
+  chunked = lambda x: Q.quantized_head_cross_entropy(x, q, t, max_chunk=192).sum()
+  dense = lambda x: optax.softmax_cross_entropy_with_integer_labels(x @ d, t).sum()
+  np.testing.assert_allclose(chunked(x), dense(x), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(chunked)(x), jax.grad(dense)(x), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_layer_by_layer_quantization_embedding_and_head_and_born_quantized_base(base, kind):
+  every = ["embed", *L.TARGETS]
+  q = jax.jit(lambda p: Q.quantize_params(p, kind, targets=every))(base)
+  np.testing.assert_array_equal(q["layers"]["w1"].codes, Q.quantize(base["layers"]["w1"], kind, n_lead=1).codes)
+  np.testing.assert_array_equal(Q.dequantize(q["embed"]), Q.dequantize(Q.quantize(base["embed"], kind)))
+  T = 16
+  batch = {"tokens": _tokens(2, 2, T), "segment_ids": jnp.ones((2, T), jnp.int32),
+           "positions": jnp.tile(jnp.arange(T, dtype=jnp.int32), (2, 1)), "loss_mask": jnp.ones((2, T), jnp.int32),
+           "targets": jax.random.randint(jax.random.key(3), (2, T), 0, CONFIG.vocab_size)}
+  from internlm_jax.train.finetune_step import base_cross_entropy_sums
+  from internlm_jax.train.step import cross_entropy_sums
+  got = base_cross_entropy_sums(q, batch, CONFIG)  # embedding rows decoded alone, head one chunk at a time
+  want = cross_entropy_sums(Q.dequantize_params(q), batch, CONFIG)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  born = Q.init_quantized_params(CONFIG, jax.random.key(0), kind, targets=every)
+  assert jax.tree.structure(born) == jax.tree.structure(q)
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(born)] == [(x.shape, x.dtype) for x in jax.tree.leaves(q)]
+  assert abs(float(jnp.std(Q.dequantize(born["layers"]["w2"]))) - CONFIG.initializer_range) < 0.2 * CONFIG.initializer_range

@@ -20,6 +20,7 @@ from internlm_jax.config import ModelConfig
 from internlm_jax.data.sft import encode_messages
 from internlm_jax.data.shakespeare_tasks import LETTERS
 from internlm_jax.model import forward
+from internlm_jax.quant_nf4 import gather_embedding
 from internlm_jax.tokenizer import IM_START
 
 
@@ -43,6 +44,7 @@ def letter_ids(tokenizer, count: int) -> list[int]:
 @functools.partial(jax.jit, static_argnames=("config",))
 def _last_logits(params, tokens, lengths, config: ModelConfig):
   # Right padding never reaches a row's last real position under causal attention.
+  params, tokens = gather_embedding(params, tokens)  # a quantized (QLoRA) embedding: decode only these rows
   logits = forward(params, tokens, config)
   return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 

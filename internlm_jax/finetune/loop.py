@@ -33,7 +33,7 @@ from internlm_jax.finetune.evaluate import choice_accuracy
 from internlm_jax.hf_io import save_hf_checkpoint
 from internlm_jax.lora import LoraConfig, LoraError, apply_lora, init_lora, lora_shardings, merge, save_adapter
 from internlm_jax.model import param_shardings
-from internlm_jax.quant_nf4 import KINDS, dequantize_params, quantize_params
+from internlm_jax.quant_nf4 import KINDS, QUANT_TARGETS, dequantize_params, quantize_params
 from internlm_jax.sharding import DEFAULT_RULES, make_mesh
 from internlm_jax.tokenizer import Tokenizer
 from internlm_jax.train import metrics as metrics_lib
@@ -68,6 +68,8 @@ def validate(cfg) -> None:
     lora_config_from(cfg)
   if cfg.method == "qlora" and cfg.qlora.kind not in KINDS:
     raise ConfigError(f"config.qlora.kind must be one of {KINDS}, got {cfg.qlora.kind!r}")
+  if cfg.method == "qlora" and not set(split_list(cfg.qlora.targets)) <= set(QUANT_TARGETS):
+    raise ConfigError(f"config.qlora.targets must be names from {list(QUANT_TARGETS)}, got {cfg.qlora.targets!r}")
   if cfg.method == "dpo" and cfg.dpo.beta <= 0:
     raise ConfigError(f"config.dpo.beta must be positive, got {cfg.dpo.beta}")
   if cfg.data.source not in ("shakespeare", "files"):

@@ -26,6 +26,7 @@ import optax
 from internlm_jax.config import ModelConfig
 from internlm_jax.lora import LoraConfig, apply_lora, warn_if_dropout
 from internlm_jax.model import forward
+from internlm_jax.quant_nf4 import gather_embedding
 from internlm_jax.sharding import DEFAULT_RULES, ShardingRules
 from internlm_jax.train.finetune_step import accumulate, apply_update
 from internlm_jax.train.state import TrainState
@@ -35,7 +36,8 @@ from internlm_jax.train.step import BATCH_KEYS
 def sequence_logps(params, rows, config: ModelConfig, rules: ShardingRules | None = DEFAULT_RULES) -> jax.Array:
   """float32 [N]: sum over each row's loss positions of log p(target | prefix)."""
   chex.assert_equal_shape([rows["tokens"], rows["targets"], rows["loss_mask"]])
-  logits = forward(params, rows["tokens"], config, segment_ids=rows["segment_ids"], positions=rows["positions"],
+  params, tokens = gather_embedding(params, rows["tokens"])  # a quantized (QLoRA) embedding
+  logits = forward(params, tokens, config, segment_ids=rows["segment_ids"], positions=rows["positions"],
                    rules=rules)
   token_logps = -optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"])
   return jnp.sum(token_logps * rows["loss_mask"].astype(jnp.float32), axis=-1)

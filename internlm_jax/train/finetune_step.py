@@ -24,7 +24,10 @@ import optax
 from jax.sharding import NamedSharding
 
 from internlm_jax.config import ModelConfig
+from internlm_jax import layers
 from internlm_jax.lora import LoraConfig, apply_lora, warn_if_dropout
+from internlm_jax.model import hidden_states
+from internlm_jax.quant_nf4 import QuantizedWeight, gather_embedding, quantized_head_cross_entropy, vocab_chunk
 from internlm_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 from internlm_jax.train.state import TrainState, train_state_shardings
 from internlm_jax.train.step import BATCH_KEYS, cross_entropy_sums
@@ -93,10 +96,27 @@ def apply_update(state: TrainState, tx: optax.GradientTransformation, loss_sum, 
   return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
+def base_cross_entropy_sums(params, batch, config: ModelConfig, rules: ShardingRules | None = DEFAULT_RULES):
+  """`train.step.cross_entropy_sums` for params whose frozen embedding and/or output head may be quantized
+  (QLoRA with quant_nf4 targets "embed" / "output"): the embedding rows of the batch are decoded alone
+  (quant_nf4.gather_embedding) and a quantized head is decoded one vocabulary chunk at a time inside the loss
+  (quant_nf4.quantized_head_cross_entropy), so neither is ever dequantized whole. Plain params: unchanged."""
+  params, tokens = gather_embedding(params, batch["tokens"])
+  head = params["output"]
+  if isinstance(head, QuantizedWeight) and vocab_chunk(head) is not None:
+    x = hidden_states(params, tokens, config, segment_ids=batch["segment_ids"], positions=batch["positions"],
+                      rules=rules)
+    x = layers.rms_norm(x, params["norm"], config.rms_norm_eps)
+    losses = quantized_head_cross_entropy(x, head, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(losses * mask), jnp.sum(mask)
+  return cross_entropy_sums(params, dict(batch, tokens=tokens), config, rules)
+
+
 def lora_loss_sums(config: ModelConfig, lcfg: LoraConfig, base, rules: ShardingRules | None) -> SumsFn:
   """Masked next-token cross-entropy sums of base + adapters (the pretraining loss on merged weights)."""
   def fn(adapters, batch):
-    loss_sum, count = cross_entropy_sums(apply_lora(base, adapters, lcfg), batch, config, rules)
+    loss_sum, count = base_cross_entropy_sums(apply_lora(base, adapters, lcfg), batch, config, rules)
     return loss_sum, (count, {})
   return fn
 
@@ -130,6 +150,6 @@ def make_eval_loss(config: ModelConfig, lcfg: LoraConfig | None = None, rules: S
   """jit(fn)(base, adapters_or_None, batch) -> mean masked loss; adapters None evaluates the base alone."""
   def fn(base, adapters, batch):
     params = base if adapters is None else apply_lora(base, adapters, lcfg)
-    loss_sum, count = cross_entropy_sums(params, {k: batch[k] for k in BATCH_KEYS}, config, rules)
+    loss_sum, count = base_cross_entropy_sums(params, {k: batch[k] for k in BATCH_KEYS}, config, rules)
     return loss_sum / jnp.maximum(count, 1.0)
   return jax.jit(fn)
