@@ -22,6 +22,10 @@ SEQ = flags.DEFINE_integer("seq_len", 512, "sequence length")
 BATCH = flags.DEFINE_integer("batch", 4, "batch size")
 STEPS = flags.DEFINE_integer("steps", 6, "timed steps (after 2 warm-up steps)")
 REMAT = flags.DEFINE_string("remat_policy", "none", "remat policy for our step")
+ATTENTION = flags.DEFINE_string("attention_impl", "chunked", "attention: xla | chunked | blockwise | pallas")
+BLOCK = flags.DEFINE_integer("attention_block_size", 128, "query chunk (chunked) or block (blockwise)")
+LOSS_CHUNK = flags.DEFINE_integer("loss_chunk_size", 0, "tokens per chunk of the fused head + loss (0: all)")
+SCAN = flags.DEFINE_bool("scan_layers", True, "scan over layers (False: unrolled)")
 TORCH = flags.DEFINE_bool("torch", True, "also time the PyTorch peer")
 
 
@@ -90,7 +94,9 @@ def main(argv):
   import jax
   from internlm_jax.config import get_preset
   from internlm_jax.train.metrics import measure_matmul_peak
-  config = get_preset(PRESET.value).replace(remat_policy=REMAT.value)
+  config = get_preset(PRESET.value).replace(remat_policy=REMAT.value, attention_impl=ATTENTION.value,
+                                            attention_block_size=BLOCK.value, loss_chunk_size=LOSS_CHUNK.value,
+                                            scan_layers=SCAN.value)
   batch, seq = BATCH.value, SEQ.value
   tokens = batch * seq
   peak = measure_matmul_peak()
@@ -98,6 +104,8 @@ def main(argv):
   flops_per_token = config.flops_per_token(seq)
   result = {"machine": jax.devices()[0].device_kind, "backend": jax.default_backend(), "preset": PRESET.value,
             "params": config.num_params(), "batch": batch, "seq_len": seq, "peak_flops": peak,
+            "attention_impl": config.attention_impl, "attention_block_size": config.attention_block_size,
+            "loss_chunk_size": config.loss_chunk_size, "scan_layers": config.scan_layers,
             "step_seconds": ours, "tokens_per_sec": tokens / ours,
             "mfu": tokens / ours * flops_per_token / peak}
   rows = [("peak f32 matmul", f"{peak / 1e9:.0f} GFLOP/s", ""),

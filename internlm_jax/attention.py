@@ -60,6 +60,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q_segme
 def _load_impl(impl: str) -> None:
   if impl == "blockwise":
     from internlm_jax import attention_blockwise  # noqa: F401  (registers itself)
+  elif impl == "chunked":
+    from internlm_jax import attention_chunked  # noqa: F401  (registers itself)
   elif impl == "pallas":
     from kernels import flash_attention  # noqa: F401  (registers itself)
   if impl not in _IMPLS:

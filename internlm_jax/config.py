@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Mapping
 
-ATTENTION_IMPLS = ("xla", "blockwise", "pallas")
+ATTENTION_IMPLS = ("xla", "chunked", "blockwise", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -42,7 +42,8 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"  # see model.REMAT_POLICIES
   attention_impl: str = "xla"
-  attention_block_size: int = 512  # kv chunk of the blockwise attention
+  attention_block_size: int = 512  # kv block of `blockwise`, query chunk of `chunked` attention
+  loss_chunk_size: int = 0  # tokens per chunk of the fused output head + loss in training (0: whole sequence)
   bos_token_id: int = 1
   eos_token_id: int = 2
   pad_token_id: int = 2

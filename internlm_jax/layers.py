@@ -57,9 +57,42 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return rotated.astype(x.dtype)
 
 
+def _swiglu_hidden(gate, up, dtype):
+  return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+
+
+@jax.custom_vjp
 def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
-  """w2(silu(w1 x) * w3 x) for x [B, T, E], w1/w3 [E, F], w2 [F, E]."""
+  """w2(silu(w1 x) * w3 x) for x [B, T, E], w1/w3 [E, F], w2 [F, E]; elementwise math in float32.
+
+  The backward pass is written by hand: autodiff of this block made XLA:CPU copy the [B, T, F] gate gradient
+  into a transposed layout inside the silu-derivative fusion, and the MLP's fwd+bwd took 2x its nine matmuls
+  (247 ms vs 125 ms at B*T=2048, E=512, F=1536); the hand version is within 1.2x of the matmuls alone.
+  """
+  return _swiglu_fwd(x, w1, w3, w2)[0]
+
+
+def _swiglu_fwd(x, w1, w3, w2):
   gate = jnp.einsum("bte,ef->btf", x, w1)
   up = jnp.einsum("bte,ef->btf", x, w3)
-  hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
-  return jnp.einsum("btf,fe->bte", hidden, w2)
+  out = jnp.einsum("btf,fe->bte", _swiglu_hidden(gate, up, x.dtype), w2)
+  return out, (x, w1, w3, w2, gate, up)
+
+
+def _swiglu_bwd(residuals, d_out):
+  x, w1, w3, w2, gate, up = residuals
+  g32, u32 = gate.astype(jnp.float32), up.astype(jnp.float32)
+  sig = jax.nn.sigmoid(g32)
+  silu = g32 * sig
+  hidden = (silu * u32).astype(x.dtype)
+  d_hidden = jnp.einsum("bte,fe->btf", d_out, w2, preferred_element_type=jnp.float32)
+  d_up = (d_hidden * silu).astype(x.dtype)
+  d_gate = (d_hidden * u32 * sig * (1.0 + g32 * (1.0 - sig))).astype(x.dtype)
+  dx = jnp.einsum("btf,ef->bte", d_gate, w1) + jnp.einsum("btf,ef->bte", d_up, w3)
+  dw1 = jnp.einsum("bte,btf->ef", x, d_gate, preferred_element_type=jnp.float32).astype(w1.dtype)
+  dw3 = jnp.einsum("bte,btf->ef", x, d_up, preferred_element_type=jnp.float32).astype(w3.dtype)
+  dw2 = jnp.einsum("btf,bte->fe", hidden, d_out, preferred_element_type=jnp.float32).astype(w2.dtype)
+  return dx.astype(x.dtype), dw1, dw3, dw2
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

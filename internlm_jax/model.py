@@ -142,8 +142,11 @@ def _block(x, layer, *, config: ModelConfig, cos, sin, q_index, segment_ids, rul
     new_cache = (k, v)
     k, v = k.astype(dtype), v.astype(dtype)
     kv_segments = None
-  out = attention_lib.attend(q, k, v, q_index, segment_ids, kv_segments, impl=config.attention_impl,
-                             **_attention_options(config))
+  impl = config.attention_impl
+  if cache_kv is not None and impl == "chunked":
+    impl = "xla"  # chunked assumes key slot t holds query t: true without a cache only
+  out = attention_lib.attend(q, k, v, q_index, segment_ids, kv_segments, impl=impl,
+                             **_attention_options(config.replace(attention_impl=impl)))
   out = checkpoint_name(out, "attention_out")
   B, T = out.shape[:2]
   out = out.reshape(B, T, config.num_heads, config.head_dim)
@@ -159,6 +162,8 @@ def _block(x, layer, *, config: ModelConfig, cos, sin, q_index, segment_ids, rul
 def _attention_options(config: ModelConfig) -> dict:
   if config.attention_impl == "blockwise":
     return {"block_size": config.attention_block_size}
+  if config.attention_impl == "chunked":
+    return {"chunk_size": config.attention_block_size}
   return {}
 
 
