@@ -119,7 +119,6 @@ class Engine:
     # Per-layer, [out, in] weights (paged_model.serving_params), placed on the mesh; the stacked params are not
     # kept, so the engine holds one copy of the weights.
     self.params = paged_model.serving_params(params, config, mesh, rules)
-    self._chunked = mesh is None
     self.allocator = PageAllocator(num_pages, ec.page_size, ec.max_slots, self.pages_per_seq, ec.prefix_caching)
     self._uploaded_version = -1
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("top_n",), donate_argnums=(1,))
@@ -132,7 +131,7 @@ class Engine:
 
   def _prefill_fn(self, params, cache, tokens, targets, start, n_valid, table, *, top_n):
     logits, cache = paged_model.prefill_chunk(params, cache, tokens, start, n_valid, table, config=self.config,
-                                              rules=self.rules, chunked=self._chunked)
+                                              rules=self.rules)
     logits = logits[0]  # [C, V]
     last = jnp.take(logits, n_valid - 1, axis=0)
     if top_n is None:
@@ -162,7 +161,7 @@ class Engine:
           lambda: (jnp.zeros(token.shape + (top,), jnp.float32), jnp.zeros(token.shape + (top,), jnp.int32)))
       logits, cache = paged_model.decode_step(params, cache, token, s.lengths, table, valid,
                                               config=self.config, rules=self.rules, mesh=self.mesh,
-                                              use_kernel=self.use_kernel, chunked=self._chunked)
+                                              use_kernel=self.use_kernel)
       stopped = jnp.any(token[:, None] == s.stop_ids, axis=-1)
       rows = jnp.arange(token.shape[0])
       inc = valid.astype(jnp.int32)
