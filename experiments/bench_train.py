@@ -25,7 +25,7 @@ REMAT = flags.DEFINE_string("remat_policy", "none", "remat policy for our step")
 ATTENTION = flags.DEFINE_string("attention_impl", "chunked", "attention: xla | chunked | blockwise | pallas")
 BLOCK = flags.DEFINE_integer("attention_block_size", 128, "query chunk (chunked) or block (blockwise)")
 LOSS_CHUNK = flags.DEFINE_integer("loss_chunk_size", 0, "tokens per chunk of the fused head + loss (0: all)")
-SCAN = flags.DEFINE_bool("scan_layers", True, "scan over layers (False: unrolled)")
+SCAN = flags.DEFINE_bool("scan_layers", False, "scan over layers (default unrolled: 0.3 s/step faster on CPU)")
 TORCH = flags.DEFINE_bool("torch", True, "also time the PyTorch peer")
 
 
