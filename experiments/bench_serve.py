@@ -1,7 +1,7 @@
 """Serving benchmark on a ~125M Llama-shaped InternLM2 (random weights): decode speed against the machine's
 bandwidth and two peers, and continuous vs static batching under Poisson load.
 
-  python experiments/bench_serve.py --out=/tmp/bench_serve.json [--requests=200 --rates=auto]
+  python experiments/bench_serve.py --out=/tmp/bench_serve.json [--requests=200 --rates=auto --sections=decode,load]
 
 One run measures: (a) our Engine's decode tokens/s at batch 1 and 32 (greedy, after the prompt), with
 memory-bandwidth utilisation against the bandwidth a jitted matvec over a weight-sized array reaches (the read
@@ -15,7 +15,6 @@ installed leave their keys null. Prints a ratio table and writes JSON.
 import collections
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -36,6 +35,8 @@ SLOTS = flags.DEFINE_integer("slots", 32, "engine slots for the load runs")
 TORCH = flags.DEFINE_bool("torch", True, "time transformers generate")
 LLAMACPP = flags.DEFINE_bool("llamacpp", True, "time llama.cpp (if llama_cpp is installed)")
 SEED = flags.DEFINE_integer("seed", 0, "weights, prompts and arrival trace")
+SECTIONS = flags.DEFINE_list("sections", ["decode", "load"], "decode: (a) ours, with (b) and (d) per --torch and "
+                             "--llamacpp; load: (c)")
 
 
 def bench_config():
@@ -45,12 +46,8 @@ def bench_config():
 
 
 def _median_seconds(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  from internlm_jax.serve.bench_peers import median_seconds
+  return median_seconds(fn, repeats)
 
 
 # ---- (a) bandwidth and our decode ---------------------------------------------------------------------------
@@ -113,135 +110,7 @@ def bench_engine(config, params, prompts, new_tokens, steps):
   return B * tokens.shape[1] / seconds, tokens, logits
 
 
-def profile_layers(config, params) -> dict:
-  """Where a batch-1 step goes: the same matmuls (all layers and the head, ms) reading weights sliced from the
-  stacked [L, ...] arrays inside jit, as paged_model._layer does, vs from per-layer arrays."""
-  import jax
-  import jax.numpy as jnp
-  x = jnp.ones((1, 768), jnp.float32)
-
-  def matmuls(layers, out, x):
-    for layer in layers:
-      h = jnp.einsum("be,ekgd->bkgd", x, layer["wqkv"])[:, :, :3].reshape(1, 768)
-      h = x + jnp.einsum("bhd,hde->be", h.reshape(1, 12, 64), layer["wo"])
-      x = x + (jnp.einsum("be,ef->bf", h, layer["w1"]) * (h @ layer["w3"])) @ layer["w2"]
-    return x @ out
-
-  names = ("wqkv", "wo", "w1", "w3", "w2")
-  stacked = jax.jit(lambda p, x: matmuls([{n: p[n][i] for n in names} for i in range(config.num_layers)],
-                                         p["output"], x))
-  flat = [{n: jnp.array(params["layers"][n][i]) for n in names} for i in range(config.num_layers)]
-  unstacked = jax.jit(lambda ls, out, x: matmuls(ls, out, x))
-  tree = {**{n: params["layers"][n] for n in names}, "output": params["output"]}
-  cases = {"layer_matmuls_sliced_ms": lambda: stacked(tree, x).block_until_ready(),
-           "layer_matmuls_unstacked_ms": lambda: unstacked(flat, params["output"], x).block_until_ready()}
-  result = {}
-  for name, fn in cases.items():
-    fn()
-    result[name] = 1000 * _median_seconds(fn, 10)
-  return result
-
-
 # ---- (b) transformers ---------------------------------------------------------------------------------------
-_HF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-
-
-def llama_model(config, params):
-  """transformers LlamaForCausalLM (float32) holding our weights: wqkv split into q/k/v as in gguf.py."""
-  import torch
-  import transformers
-  from internlm_jax.serve.gguf import llama_tensors
-  hf = transformers.LlamaConfig(
-      vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-      num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-      num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-      max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
-  state = {}
-  for name, w in llama_tensors(config, params, rope_pairs=False).items():
-    if name.startswith("blk."):
-      _, i, kind, _ = name.split(".")
-      name = f"model.layers.{i}.{_HF_NAMES[kind]}.weight"
-    else:
-      name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}[name]
-    state[name] = torch.tensor(w)
-  model = transformers.LlamaForCausalLM(hf).float().eval()
-  model.load_state_dict(state, strict=True)
-  return model
-
-
-def _thread_counts():
-  # Peers synchronise their threads by spinning: on a shared 2-core machine one thread can beat two, so each
-  # peer is timed with both and credited with its better one.
-  return sorted({1, os.cpu_count() or 1})
-
-
-def bench_transformers(model, prompts, new_tokens):
-  """Decode tokens/s of generate (greedy, no early stop): (time for n tokens - time for 1) / (n - 1), with the
-  better torch thread count -> (tokens/s, threads)."""
-  import torch
-  ids = torch.tensor(prompts, dtype=torch.int64)
-  default_threads, best = torch.get_num_threads(), (0.0, 0)
-  for threads in _thread_counts():
-    torch.set_num_threads(threads)
-    best = max(best, (_transformers_rate(model, ids, new_tokens), threads))
-  torch.set_num_threads(default_threads)
-  return best
-
-
-def _transformers_rate(model, ids, new_tokens):
-  import torch
-
-  def generate(n):
-    with torch.no_grad():
-      return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=0)
-
-  generate(2)
-  one = _median_seconds(lambda: generate(1), 2)
-  full = _median_seconds(lambda: generate(new_tokens), 1)
-  return ids.shape[0] * (new_tokens - 1) / (full - one)
-
-
-# ---- (d) llama.cpp ------------------------------------------------------------------------------------------
-def bench_llamacpp(config, params, prompt, new_tokens, file_type, directory):
-  """Batch-1 greedy decode through llama-cpp-python on our weights exported to GGUF, with the better thread
-  count -> (tokens/s, threads, tokens, logits of the prompt's next token)."""
-  import llama_cpp
-  from internlm_jax.serve.gguf import export_gguf
-  path = export_gguf(config, params, os.path.join(directory, f"bench-{file_type}.gguf"), file_type)
-  best = None
-  for threads in _thread_counts():
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new_tokens + 16, n_batch=len(prompt),
-                          n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
-    seconds, tokens, first = _llamacpp_run(llm, prompt, new_tokens)
-    llm.close()
-    if best is None or new_tokens / seconds > best[0]:
-      best = (new_tokens / seconds, threads, tokens, first)
-  os.remove(path)
-  return best
-
-
-def _llamacpp_run(llm, prompt, new_tokens):
-  import numpy as np
-
-  def run():
-    llm.reset()
-    llm.eval(prompt)
-    first = np.array(llm.scores[llm.n_tokens - 1])
-    start, tokens = time.perf_counter(), []
-    for _ in range(new_tokens):
-      tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-      llm.eval([tokens[-1]])
-    return time.perf_counter() - start, tokens, first
-
-  run()
-  return min((run() for _ in range(2)), key=lambda r: r[0])
-
-
 # ---- (c) load: continuous vs static batching ----------------------------------------------------------------
 def sharegpt_like(n, rng, vocab):
   """(prompt ids, output length) pairs: log-normal lengths like ShareGPT's, scaled down for a 2-core CPU."""
@@ -400,12 +269,12 @@ def main(argv):
              decode_tokens_per_sec_batch32=tps32, decode_tokens_per_sec_batch1_int8=tps1_q8,
              mbu_batch1=decode_bytes(config, params, 1, P + N // 2) * tps1 / peak,
              mbu_batch1_int8=decode_bytes(config, q8, 1, P + N // 2) * tps1_q8 / peak,
-             mbu_batch32=decode_bytes(config, params, 32, P + N // 2) * tps32 / 32 / peak,
-             profile_batch1=profile_layers(config, params))
+             mbu_batch32=decode_bytes(config, params, 32, P + N // 2) * tps32 / 32 / peak)
   save("ours")
 
-  if TORCH.value:
+  if TORCH.value and "decode" in SECTIONS.value:
     import torch
+    from internlm_jax.serve.bench_peers import bench_transformers, llama_model
     model = llama_model(config, params)
     with torch.no_grad():
       theirs = model(input_ids=torch.tensor(prompts[:1])).logits[0, -1].numpy()
@@ -422,7 +291,8 @@ def main(argv):
   except ImportError:
     print("llama_cpp is not installed: llama.cpp keys stay null")
   else:
-    if LLAMACPP.value:
+    if LLAMACPP.value and "decode" in SECTIONS.value:
+      from internlm_jax.serve.bench_peers import bench_llamacpp
       with tempfile.TemporaryDirectory() as d:
         f32, th_f32, f32_tokens, f32_logits = bench_llamacpp(config, params, prompts[0], N, "f32", d)
         q80, th_q80, _, _ = bench_llamacpp(config, params, prompts[0], N, "q8_0", d)
@@ -433,6 +303,8 @@ def main(argv):
                  llamacpp_greedy_tokens_equal=same, llamacpp_threads=[th_f32, th_q80])
       save("llama.cpp")
 
+  if "load" not in SECTIONS.value:
+    return _print_table(config, res)
   work = sharegpt_like(REQUESTS.value, rng, config.vocab_size)
   mean_out = float(np.mean([o for _, o in work]))
   rates = ([r * tps32 / mean_out for r in (0.5, 1.0, 2.0)] if RATES.value == "auto"
@@ -444,7 +316,10 @@ def main(argv):
              continuous_vs_static=top["continuous"]["output_tokens_per_sec"] / top["static"]["output_tokens_per_sec"],
              static_over_continuous_ttft_p50=[r["static"]["ttft_p50_s"] / r["continuous"]["ttft_p50_s"] for r in runs])
   save("load")
+  _print_table(config, res)
 
+
+def _print_table(config, res):
   print(f"\n125M Llama shape ({config.num_params() / 1e6:.0f}M params), {res['machine']}")
   for name, key, unit in TABLE:
     print(f"  {name:<32} {'-' if res[key] is None else f'{res[key]:,.2f}{unit}'}")

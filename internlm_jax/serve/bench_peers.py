@@ -1,0 +1,112 @@
+"""Peers for experiments/bench_serve.py: transformers' LlamaForCausalLM and llama.cpp (llama-cpp-python) decoding
+our weights (float32 LlamaForCausalLM; GGUF f32 / q8_0 via serve/gguf.py), timed the same way as our engine."""
+import os
+import statistics
+import time
+
+
+def median_seconds(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+_HF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def llama_model(config, params):
+  """transformers LlamaForCausalLM (float32) holding our weights: wqkv split into q/k/v as in gguf.py."""
+  import torch
+  import transformers
+  from internlm_jax.serve.gguf import llama_tensors
+  hf = transformers.LlamaConfig(
+      vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+      num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+      num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+      max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
+  state = {}
+  for name, w in llama_tensors(config, params, rope_pairs=False).items():
+    if name.startswith("blk."):
+      _, i, kind, _ = name.split(".")
+      name = f"model.layers.{i}.{_HF_NAMES[kind]}.weight"
+    else:
+      name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}[name]
+    state[name] = torch.tensor(w)
+  model = transformers.LlamaForCausalLM(hf).float().eval()
+  model.load_state_dict(state, strict=True)
+  return model
+
+
+def _thread_counts():
+  # Peers synchronise their threads by spinning: on a shared 2-core machine one thread can beat two, so each
+  # peer is timed with both and credited with its better one.
+  return sorted({1, os.cpu_count() or 1})
+
+
+def bench_transformers(model, prompts, new_tokens):
+  """Decode tokens/s of generate (greedy, no early stop): (time for n tokens - time for 1) / (n - 1), with the
+  better torch thread count -> (tokens/s, threads)."""
+  import torch
+  ids = torch.tensor(prompts, dtype=torch.int64)
+  default_threads, best = torch.get_num_threads(), (0.0, 0)
+  for threads in _thread_counts():
+    torch.set_num_threads(threads)
+    best = max(best, (_transformers_rate(model, ids, new_tokens), threads))
+  torch.set_num_threads(default_threads)
+  return best
+
+
+def _transformers_rate(model, ids, new_tokens):
+  import torch
+
+  def generate(n):
+    with torch.no_grad():
+      return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+
+  generate(2)
+  one = median_seconds(lambda: generate(1), 2)
+  full = median_seconds(lambda: generate(new_tokens), 1)
+  return ids.shape[0] * (new_tokens - 1) / (full - one)
+
+
+def bench_llamacpp(config, params, prompt, new_tokens, file_type, directory):
+  """Batch-1 greedy decode through llama-cpp-python on our weights exported to GGUF, with the better thread
+  count -> (tokens/s, threads, tokens, logits of the prompt's next token)."""
+  import llama_cpp
+  from internlm_jax.serve.gguf import export_gguf
+  path = export_gguf(config, params, os.path.join(directory, f"bench-{file_type}.gguf"), file_type)
+  best = None
+  for threads in _thread_counts():
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new_tokens + 16, n_batch=len(prompt),
+                          n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+    seconds, tokens, first = _llamacpp_run(llm, prompt, new_tokens)
+    llm.close()
+    if best is None or new_tokens / seconds > best[0]:
+      best = (new_tokens / seconds, threads, tokens, first)
+  os.remove(path)
+  return best
+
+
+def _llamacpp_run(llm, prompt, new_tokens):
+  import numpy as np
+
+  def run():
+    llm.reset()
+    llm.eval(prompt)
+    first = np.array(llm.scores[llm.n_tokens - 1])
+    start, tokens = time.perf_counter(), []
+    for _ in range(new_tokens):
+      tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+      llm.eval([tokens[-1]])
+    return time.perf_counter() - start, tokens, first
+
+  run()
+  return min((run() for _ in range(2)), key=lambda r: r[0])
