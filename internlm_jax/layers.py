@@ -57,6 +57,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return rotated.astype(x.dtype)
 
 
+def project(spec: str, x: jax.Array, w, dtype) -> jax.Array:
+  """einsum(spec, x, w) for a projection weight w: an array, a quantized weight (anything with `.astype`), or
+  a weight that computes its own product (`w.project`, e.g. a LoRA weight: x W + s (x a) b, never merging)."""
+  if hasattr(w, "project"):
+    return w.project(spec, x, dtype)
+  return jnp.einsum(spec, x, w.astype(dtype))
+
+
+def mlp(x: jax.Array, w1, w3, w2, dtype) -> jax.Array:
+  """The SwiGLU MLP for projection weights of any kind (see `project`), in compute dtype `dtype`."""
+  if not any(hasattr(w, "project") for w in (w1, w3, w2)):
+    return swiglu(x, w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
+  gate, up = project("bte,ef->btf", x, w1, dtype), project("bte,ef->btf", x, w3, dtype)
+  return project("btf,fe->bte", _swiglu_hidden(gate, up, x.dtype), w2, dtype)
+
+
 def _swiglu_hidden(gate, up, dtype):
   return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
 

@@ -15,18 +15,13 @@ leaves the model unchanged. Adapter leaves carry the logical axes of the dims th
 so they shard like it.
 
 How it runs inside the forward. `apply_lora` swaps each targeted leaf for a `LoraWeight` pytree node (base, a,
-b). model.py consumes projection weights only as `w.astype(compute_dtype)`, so `LoraWeight.astype` returns the
-merged W + s * a @ b at that point: per layer inside the layer scan (a scan slices every leaf, including a and b),
-never for the whole model at once. Gradients reach a and b; the base is behind `stop_gradient` and is not an
-argument of the differentiated function in `train.finetune_step`. The same trick lets a quantized base
-(`quant_nf4.QuantizedWeight`) be dequantized per layer. Trade-offs of materializing W' instead of adding
-x @ a @ b to the matmul output: (1) one extra [in, out] weight per layer in compute memory and an O(in * out * r)
-matmul per layer per step (small next to the O(tokens * in * out) projection); (2) without remat the scan saves W'
-per layer for the backward pass, so LoRA/QLoRA memory wants `remat_policy="full"` (W' is then recomputed);
-(3) LoRA dropout (on the adapter's input activations) cannot be expressed on a merged weight: `dropout` is kept
-for the exported adapter_config.json but not applied in training (finetune_step warns). The hook that would
-remove all three: a `dense(x, w, spec)` in model.py used for every projection, which for a LoraWeight computes
-einsum(x, W) + s * einsum(einsum(dropout(x), a), b).
+b). model.py applies every layer projection through `layers.project(spec, x, w, dtype)`, which for a LoraWeight
+computes einsum(x, W) + s * (x a) b: no merged weight and no weight-sized gradient is built (the base is behind
+`stop_gradient` and is not an argument of the differentiated function in `train.finetune_step`), per layer inside
+the layer scan (a scan slices every leaf, including a and b). A quantized base (`quant_nf4.QuantizedWeight`) is
+dequantized there, one layer at a time. The output head and anything else that reads a weight with
+`w.astype(compute_dtype)` gets the merged W + s * a @ b instead (the same numbers). LoRA dropout is kept for the
+exported adapter_config.json but not applied in training (finetune_step warns).
 
 PEFT export: torch Linear weights are [out, in], so lora_A.weight = a[i] viewed [in, r], transposed ([r, in]) and
 lora_B.weight = b[i] viewed [r, out], transposed ([out, r]); the flattening orders are those of hf_io (wqkv rows
@@ -204,6 +199,17 @@ class LoraWeight:
   def astype(self, dtype):
     base = jax.lax.stop_gradient(self.base.astype(jnp.float32))
     return _merged(base, self.a, self.b, self.scale, self.n_out, dtype)
+
+  def project(self, spec: str, x: jax.Array, dtype) -> jax.Array:
+    """einsum(spec, x, merged weight) computed as x W + s (x a) b (see layers.project): no merged weight and no
+    gradient the size of W are ever built, so a step costs the base's forward and input gradients plus the
+    adapters' small matmuls. x's trailing dims are the weight's input dims (every projection in model.py)."""
+    base = jax.lax.stop_gradient(self.base.astype(dtype))
+    out = jnp.einsum(spec, x, base)
+    n_in = base.ndim - self.n_out
+    down = jnp.tensordot(x, self.a.astype(dtype), n_in)  # [..., r]
+    delta = jnp.tensordot(down, self.b.astype(dtype), 1)  # [..., *out_dims]
+    return out + (self.scale * delta).astype(out.dtype)
 
   def __repr__(self):
     return f"LoraWeight(base={self.base!r}, a={self.a.shape}, b={self.b.shape}, scale={self.scale})"

@@ -126,7 +126,7 @@ def _block(x, layer, *, config: ModelConfig, cos, sin, q_index, segment_ids, rul
   G = config.q_per_kv
   x = checkpoint_name(x, "block_input")
   h = layers.rms_norm(x, layer["attention_norm"], config.rms_norm_eps)
-  qkv = jnp.einsum("bte,ekgd->btkgd", h, layer["wqkv"].astype(dtype))
+  qkv = layers.project("bte,ekgd->btkgd", h, layer["wqkv"], dtype)
   qkv = checkpoint_name(qkv, "qkv")
   q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
   q = layers.apply_rope(q, cos, sin)
@@ -150,11 +150,11 @@ def _block(x, layer, *, config: ModelConfig, cos, sin, q_index, segment_ids, rul
   out = checkpoint_name(out, "attention_out")
   B, T = out.shape[:2]
   out = out.reshape(B, T, config.num_heads, config.head_dim)
-  x = x + jnp.einsum("bthd,hde->bte", out, layer["wo"].astype(dtype))
+  x = x + layers.project("bthd,hde->bte", out, layer["wo"], dtype)
   x = constrain(x, ("batch", "seq", "embed"), rules)
   h = layers.rms_norm(x, layer["ffn_norm"], config.rms_norm_eps)
   h = constrain(h, ("batch", "seq", "embed"), rules)
-  x = x + layers.swiglu(h, layer["w1"].astype(dtype), layer["w3"].astype(dtype), layer["w2"].astype(dtype))
+  x = x + layers.mlp(h, layer["w1"], layer["w3"], layer["w2"], dtype)
   x = constrain(x, ("batch", "seq", "embed"), rules)
   return x, new_cache
 
