@@ -7,8 +7,10 @@ int8, g = n (one group). The quantized form keeps w's shape with axis c replaced
   scale  float32,      w.shape with c -> (n / g, 1)      w ~= q * scale
 
 A `QArray` answers `.astype(dtype)` with the dequantized weight, which is the only way model.py and
-serve/paged_model.py touch matmul weights, so `forward`, the engine and eval run on quantized params unchanged;
-under jit XLA fuses the dequantization into the consumer, so a decode step reads int8/int4 bytes. The group axis
+serve/paged_model.py touch matmul weights, so `forward`, the engine and eval run on quantized params unchanged.
+XLA:CPU does not fuse an int8 -> float convert into a dot (measured), so the engine stores each quantized weight
+as row blocks dequantized just before their own dot, the float copy staying in cache (serve/paged_model.py);
+on GPUs and TPUs XLA fuses the convert into the matmul's operand read. The group axis
 is stored counted from the end, so slicing the stacked layer axis (scan, `w[i]`) keeps a valid QArray. The
 embedding (a gather of a few rows) and the norms stay in float.
 """
