@@ -10,7 +10,7 @@ A `QArray` answers `.astype(dtype)` with the dequantized weight, which is the on
 serve/paged_model.py touch matmul weights, so `forward`, the engine and eval run on quantized params unchanged.
 XLA:CPU does not fuse an int8 -> float convert into a dot (measured), so the engine stores each quantized weight
 as row blocks dequantized just before their own dot, the float copy staying in cache (serve/paged_model.py);
-on GPUs and TPUs XLA fuses the convert into the matmul's operand read. The group axis
+the GPU and TPU compilers can fuse the convert into the matmul (not measured here). The group axis
 is stored counted from the end, so slicing the stacked layer axis (scan, `w[i]`) keeps a valid QArray. The
 embedding (a gather of a few rows) and the norms stay in float.
 """
