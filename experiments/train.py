@@ -44,8 +44,12 @@ def main(argv):
   if summary.get("preempted"):
     print(f"preempted at step {summary['step']}; rerun the same command to resume")
     return
-  print(f"\nfinished step {summary['step']}: tokens/s {summary.get('tokens_per_sec') or 0:,.0f}, "
-        f"MFU {summary.get('mfu') or 0:.2f}")
+  if summary.get("tokens_per_sec") is None:
+    print(f"\nnothing to train: {_WORKDIR.value} already holds step {summary['step']} (raise --config.steps "
+          "to continue, or use a new --workdir)")
+  else:
+    print(f"\nfinished step {summary['step']}: tokens/s {summary['tokens_per_sec']:,.0f}, "
+          f"MFU {summary.get('mfu') or 0:.2f}")
   if summary.get("val_loss") is not None:
     print(f"validation loss {summary['val_loss']:.3f} nats/token vs unigram baseline "
           f"{summary['unigram_val_loss']:.3f}")

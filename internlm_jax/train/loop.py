@@ -277,6 +277,8 @@ def run(cfg, workdir: str, on_log=None) -> dict:
         return {"preempted": True, "step": done}
     ckpt.wait()
     writer.close()
+    if val_source is not None and val_loss is None:  # a rerun of a finished job still reports where it ended
+      val_loss = evaluate(eval_fn, state.params, val_source, tokenizer, cfg, batch_sharding)
     summary = {"step": int(state.step), "val_loss": val_loss, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
                "skipped": int(state.skipped)}
     if val_source is not None:
