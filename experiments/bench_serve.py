@@ -119,18 +119,24 @@ def sharegpt_like(n, rng, vocab):
   return [(rng.integers(3, vocab, p).tolist(), int(o)) for p, o in zip(prompts, outputs)]
 
 
-def _summary(work, arrivals, first, done):
+def _summary(work, arrivals, first, done, timings=None):
   makespan = max(done.values())
   ttft = sorted(first[i] - arrivals[i] for i in range(len(work)))
-  pct = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))]
-  return {"requests_per_sec": len(work) / makespan, "output_tokens_per_sec": sum(o for _, o in work) / makespan,
-          "ttft_p50_s": pct(0.5), "ttft_p99_s": pct(0.99), "makespan_s": makespan}
+  latency = sorted(done[i] - arrivals[i] for i in range(len(work)))
+  pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]
+  out = {"requests_per_sec": len(work) / makespan, "output_tokens_per_sec": sum(o for _, o in work) / makespan,
+         "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "latency_p50_s": pct(latency, 0.5),
+         "latency_p99_s": pct(latency, 0.99), "makespan_s": makespan}
+  if timings:
+    out["timings"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}
+  return out
 
 
 def run_static(engine, work, arrivals, steps):
   from internlm_jax.serve.sampling import SamplingParams
   state, B = engine.init_state(), engine.ec.max_slots
   first, done, waiting, nxt = {}, {}, collections.deque(), 0
+  timings = collections.Counter()
   start = time.perf_counter()
   while len(done) < len(work):
     now = time.perf_counter() - start
@@ -142,16 +148,24 @@ def run_static(engine, work, arrivals, steps):
       continue
     batch = [waiting.popleft() for _ in range(min(B, len(waiting)))]
     left = {}
+    t0 = time.perf_counter()
     for slot, r in enumerate(batch):
       state, prefix = engine.prefill(state, work[r][0])
       params = SamplingParams(max_tokens=work[r][1], temperature=0.0, ignore_eos=True)
       state = engine.insert(prefix, state, slot, params, [], seed=r)
       left[slot] = work[r][1]
+    timings["admit_s"] += time.perf_counter() - t0
+    timings["batches"] += 1
     while any(left.values()):  # the batch runs until its longest request ends; finished slots idle
       for slot, n in left.items():
         if n:
           engine.reserve(slot, min(steps, n))
+      t0 = time.perf_counter()
       state, result = engine.generate(state)
+      timings["generate_s"] += time.perf_counter() - t0
+      timings["generate_calls"] += 1
+      timings["slot_steps_used"] += int(result.valid.sum())
+      timings["slot_steps"] += result.valid.size
       now = time.perf_counter() - start
       for slot, r in enumerate(batch):
         got = int(result.valid[:, slot].sum())
@@ -162,7 +176,7 @@ def run_static(engine, work, arrivals, steps):
             done[r] = now
     for slot in range(len(batch)):
       state = engine.free(state, slot)
-  return _summary(work, arrivals, first, done)
+  return _summary(work, arrivals, first, done, timings)
 
 
 def run_continuous(engine, tokenizer, work, arrivals):
@@ -189,22 +203,33 @@ def run_continuous(engine, tokenizer, work, arrivals):
   finished.wait(timeout=1800)
   sched.stop()
   assert len(done) == len(work), "the continuous run did not finish"
-  return _summary(work, arrivals, first, done)
+  return _summary(work, arrivals, first, done, sched.timings)
 
 
-def bench_load(config, params, work, rates, slots, steps, rng):
+def load_engine(config, params, work, slots, steps):
+  """The load runs' engine, with every prefill shape the trace needs and the decode step compiled -> (engine,
+  mean seconds to prefill one request of the trace)."""
+  from internlm_jax.serve.engine import Engine, EngineConfig, prefill_bucket
+  # Prefix caching off: every run replays the same prompts, which a warm cache would serve for free.
+  ec = EngineConfig(max_slots=slots, max_seq_len=320, page_size=16, prefill_chunk=256, steps_per_call=steps,
+                    prefix_caching=False)
+  engine = Engine(params, config, ec)
+  state, seconds = engine.init_state(), {}
+  for C in sorted({prefill_bucket(len(p), ec.prefill_chunk) for p, _ in work}):
+    for _ in range(2):  # the second call is timed
+      t0 = time.perf_counter()
+      state, prefix = engine.prefill(state, list(range(3, 3 + C)))
+      prefix.logits.block_until_ready()
+      seconds[C] = time.perf_counter() - t0
+      engine.release(prefix)
+  run_static(engine, work[:2], [0.0, 0.0], steps)
+  return engine, sum(seconds[prefill_bucket(len(p), ec.prefill_chunk)] for p, _ in work) / len(work)
+
+
+def bench_load(engine, work, rates, steps, rng):
   import numpy as np
-  from internlm_jax.serve.engine import Engine, EngineConfig
   from internlm_jax.serve.testing import tiny_tokenizer
   n = len(work)
-  # Prefix caching off: every run replays the same prompts, which a warm cache would serve for free.
-  engine = Engine(params, config, EngineConfig(max_slots=slots, max_seq_len=320, page_size=16, prefill_chunk=256,
-                                               steps_per_call=steps, prefix_caching=False))
-  state = engine.init_state()  # compile every prefill shape the trace needs, and the decode step
-  for C in sorted({max(16, 1 << (len(p) - 1).bit_length()) for p, _ in work}):
-    state, prefix = engine.prefill(state, list(range(3, 3 + C)))
-    engine.release(prefix)
-  run_static(engine, work[:2], [0.0, 0.0], steps)
   tokenizer = tiny_tokenizer(tempfile.mkdtemp())  # output ids past its vocabulary decode to nothing
   runs = []
   for rate in rates:
@@ -213,9 +238,10 @@ def bench_load(config, params, work, rates, slots, steps, rng):
     static = run_static(engine, work, arrivals, steps)
     continuous = run_continuous(engine, tokenizer, work, arrivals)
     runs.append({"rate": rate, "static": static, "continuous": continuous})
-    print(f"  load {rate:.2f} req/s: continuous {continuous['output_tokens_per_sec']:.0f} tok/s, TTFT p50 "
-          f"{continuous['ttft_p50_s']:.2f}s; static {static['output_tokens_per_sec']:.0f} tok/s, TTFT p50 "
-          f"{static['ttft_p50_s']:.2f}s", flush=True)
+    for name, r in (("continuous", continuous), ("static", static)):
+      print(f"  load {rate:.2f} req/s {name:>10}: {r['requests_per_sec']:.2f} req/s, {r['output_tokens_per_sec']:.1f} "
+            f"out tok/s, TTFT p50/p99 {r['ttft_p50_s']:.2f}/{r['ttft_p99_s']:.2f} s, latency p50 "
+            f"{r['latency_p50_s']:.2f} s; {r.get('timings')}", flush=True)
   return runs
 
 
@@ -307,12 +333,19 @@ def main(argv):
     return _print_table(config, res)
   work = sharegpt_like(REQUESTS.value, rng, config.vocab_size)
   mean_out = float(np.mean([o for _, o in work]))
-  rates = ([r * tps32 / mean_out for r in (0.5, 1.0, 2.0)] if RATES.value == "auto"
+  engine, prefill_s = load_engine(config, params, work, SLOTS.value, S)
+  # Capacity of full-batch serving: each request costs its prefill (one at a time, compute-bound) plus its share
+  # of batch-32 decode steps. Prefill is most of it here (prompts are ~1.8x the outputs).
+  capacity = 1.0 / (prefill_s + mean_out / tps32)
+  rates = ([r * capacity for r in (0.5, 1.0, 2.0)] if RATES.value == "auto"
            else [float(r) for r in RATES.value.split(",")])
-  runs = bench_load(config, params, work, rates, SLOTS.value, S, rng)
+  print(f"load: prefill {prefill_s * 1e3:.0f} ms per request, capacity estimate {capacity:.2f} req/s, rates "
+        f"{[round(r, 2) for r in rates]}", flush=True)
+  runs = bench_load(engine, work, rates, S, rng)
   top = runs[-1]
   res.update(load_requests=len(work), load_prompt_mean=float(np.mean([len(p) for p, _ in work])),
-             load_output_mean=mean_out, load=runs,
+             load_output_mean=mean_out, load_prefill_s_per_request=prefill_s, load_capacity_estimate=capacity,
+             load=runs,
              continuous_vs_static=top["continuous"]["output_tokens_per_sec"] / top["static"]["output_tokens_per_sec"],
              static_over_continuous_ttft_p50=[r["static"]["ttft_p50_s"] / r["continuous"]["ttft_p50_s"] for r in runs])
   save("load")

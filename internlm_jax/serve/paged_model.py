@@ -182,8 +182,11 @@ def _gather(cache: PagedKVCache, i: int, table, num_tokens, dtype):
 
 
 def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *, config: ModelConfig,
-                  rules: ShardingRules | None):
+                  rules: ShardingRules | None, head_at=None):
   """Appends one chunk of a sequence to its pages and returns (logits [1, C, V] float32, cache).
+
+  With `head_at` (an int32 chunk index) the output head runs on that position only: logits [1, 1, V]. The head
+  is a quarter of a ~125M model's prefill FLOPs, and serving needs only the last prompt token's logits.
 
   `params` are in the serving layout (`serving_params`). Queries see every earlier position of the sequence (cached prefix pages, earlier chunks) and the chunk itself
   causally. The dynamic-NTK base follows the length reached at the end of the chunk, as the dense cache does.
@@ -213,6 +216,8 @@ def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *,
     kc, vc = _gather(cache, i, table, end, dtype)
     out = attention_lib.attend(q, kc, vc, positions, impl=impl, **options)
     x = _finish(x, out.reshape(1, C, config.num_heads, config.head_dim), layer, config, rules)
+  if head_at is not None:
+    x = jax.lax.dynamic_slice_in_dim(x, head_at, 1, axis=1)
   return _head(params, x, config, rules), cache
 
 

@@ -127,6 +127,9 @@ class Scheduler:
     self._thread: threading.Thread | None = None
     self.preemptions = 0
     self.finished = collections.Counter()  # finish reasons so far (for /health and tests)
+    # Where the loop's time goes (seconds, and counts): admit (prefill + insert), generate (device call and copy
+    # back), dispatch (tokens to requests), the rest of the turn (cancels, page reservations, locking).
+    self.timings: collections.Counter = collections.Counter()
 
   # ---- public -----------------------------------------------------------------------------------------------
   def start(self) -> "Scheduler":
@@ -207,13 +210,29 @@ class Scheduler:
           break
         cancelled, self._cancelled = self._cancelled, set()
       try:
+        t0 = time.perf_counter()
         for request_id in cancelled:
           self._cancel_now(request_id)
+        t1 = time.perf_counter()
         self._admit()
+        t2 = time.perf_counter()
+        timings = self.timings
+        timings["admit_s"] += t2 - t1
+        timings["turns"] += 1
         if self._running:
           self._reserve_pages()
+          t3 = time.perf_counter()
           self._state, result = self.engine.generate(self._state)
+          t4 = time.perf_counter()
           self._dispatch(result)
+          t5 = time.perf_counter()
+          timings["generate_s"] += t4 - t3
+          timings["dispatch_s"] += t5 - t4
+          timings["other_s"] += t3 - t2
+          timings["generate_calls"] += 1
+          timings["slot_steps_used"] += int(result.valid.sum())
+          timings["slot_steps"] += result.valid.size
+        timings["other_s"] += t1 - t0
       except Exception as e:  # a bug must not leave clients hanging: fail what is in flight, keep serving
         log.exception("serving loop error")
         self._fail_all(f"{type(e).__name__}: {e}")
@@ -234,6 +253,8 @@ class Scheduler:
         if self._running and alloc.num_available < alloc.pages_for(len(resume)) + len(self._running):
           raise CacheFullError("keeping headroom for running requests")
         self._state, prefix = self.engine.prefill(self._state, resume, prompt_logprobs=want_lp)
+        self.timings["prefills"] += 1
+        self.timings["prefill_tokens"] += len(resume)
       except CacheFullError:
         if not self._running:  # nothing will free pages: the request can never run
           self._finish(request, "error", error="not enough KV cache pages for this prompt")
