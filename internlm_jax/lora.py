@@ -20,8 +20,9 @@ computes einsum(x, W) + s * (x a) b: no merged weight and no weight-sized gradie
 `stop_gradient` and is not an argument of the differentiated function in `train.finetune_step`), per layer inside
 the layer scan (a scan slices every leaf, including a and b). A quantized base (`quant_nf4.QuantizedWeight`) is
 dequantized there, one layer at a time. The output head and anything else that reads a weight with
-`w.astype(compute_dtype)` gets the merged W + s * a @ b instead (the same numbers). LoRA dropout is kept for the
-exported adapter_config.json but not applied in training (finetune_step warns).
+`w.astype(compute_dtype)` gets the merged W + s * a @ b instead (the same numbers). LoRA dropout (on the adapter's
+input activations, as PEFT) applies when `apply_lora` gets a dropout key, which the SFT step derives from the
+state's key and step; with gradient accumulation the micro-batches of a step share their masks.
 
 PEFT export: torch Linear weights are [out, in], so lora_A.weight = a[i] viewed [in, r], transposed ([r, in]) and
 lora_B.weight = b[i] viewed [r, out], transposed ([out, r]); the flattening orders are those of hf_io (wqkv rows
@@ -67,7 +68,7 @@ class LoraError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """rank r, alpha (scale = alpha / r as in PEFT), dropout (exported only, see module doc), target modules.
+  """rank r, alpha (scale = alpha / r as in PEFT), dropout (on the adapter inputs in SFT steps), target modules.
 
   The default targets are every projection, output head included: XTuner's `target_modules=None` adapts every
   Linear but `lm_head`, and InternLM2's head is named `output`.
@@ -175,18 +176,22 @@ def _merged(w, a, b, scale, n_out, dtype):
 class LoraWeight:
   """A frozen base weight (an array or a quantized weight) plus its adapter; `.astype(d)` is the merged weight.
 
-  Leaves: base (or its quantized leaves), a, b. Static: scale and the number of output dims of the base.
+  Leaves: base (or its quantized leaves), a, b, and an optional dropout key (one per layer for stacked weights,
+  so a layer scan slices it like the weights). Static: scale, the number of output dims of the base, the rate.
   """
 
-  def __init__(self, base, a, b, scale: float, n_out: int):
+  def __init__(self, base, a, b, scale: float, n_out: int, dropout_key=None, dropout: float = 0.0):
     self.base, self.a, self.b, self.scale, self.n_out = base, a, b, float(scale), int(n_out)
+    self.dropout_key, self.dropout = dropout_key, float(dropout)
 
   def tree_flatten(self):
-    return (self.base, self.a, self.b), (self.scale, self.n_out)
+    return (self.base, self.a, self.b, self.dropout_key), (self.scale, self.n_out, self.dropout)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    base, a, b, key = children
+    scale, n_out, dropout = aux
+    return cls(base, a, b, scale, n_out, dropout_key=key, dropout=dropout)
 
   @property
   def shape(self):
@@ -197,17 +202,23 @@ class LoraWeight:
     return self.base.dtype
 
   def astype(self, dtype):
+    """The merged weight (no dropout: it acts on activations, which a merged weight never sees)."""
     base = jax.lax.stop_gradient(self.base.astype(jnp.float32))
     return _merged(base, self.a, self.b, self.scale, self.n_out, dtype)
 
   def project(self, spec: str, x: jax.Array, dtype) -> jax.Array:
-    """einsum(spec, x, merged weight) computed as x W + s (x a) b (see layers.project): no merged weight and no
-    gradient the size of W are ever built, so a step costs the base's forward and input gradients plus the
-    adapters' small matmuls. x's trailing dims are the weight's input dims (every projection in model.py)."""
+    """einsum(spec, x, merged weight) computed as x W + s (dropout(x) a) b (see layers.project): no merged
+    weight and no gradient the size of W are ever built, so a step costs the base's forward and input gradients
+    plus the adapters' small matmuls. x's trailing dims are the weight's input dims (every projection in
+    model.py). Dropout (PEFT's lora_dropout) applies only on the adapter's input and only when a key is set."""
     base = jax.lax.stop_gradient(self.base.astype(dtype))
     out = jnp.einsum(spec, x, base)
     n_in = base.ndim - self.n_out
-    down = jnp.tensordot(x, self.a.astype(dtype), n_in)  # [..., r]
+    adapter_in = x
+    if self.dropout_key is not None and self.dropout > 0:
+      keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
+      adapter_in = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+    down = jnp.tensordot(adapter_in, self.a.astype(dtype), n_in)  # [..., r]
     delta = jnp.tensordot(down, self.b.astype(dtype), 1)  # [..., *out_dims]
     return out + (self.scale * delta).astype(out.dtype)
 
@@ -228,15 +239,25 @@ def _check_adapter(base: Params, lora: Params, lcfg: LoraConfig) -> None:
                       f"{tuple(w.shape)} at rank {lcfg.rank}")
 
 
-def apply_lora(base: Params, lora: Params, lcfg: LoraConfig) -> Params:
-  """Params for `model.forward` whose targeted weights are LoraWeight nodes (merged lazily, per layer); every
-  base leaf is behind stop_gradient, so differentiating through the result reaches only the adapters."""
+def apply_lora(base: Params, lora: Params, lcfg: LoraConfig, dropout_key: jax.Array | None = None) -> Params:
+  """Params for `model.forward` whose targeted weights are LoraWeight nodes (never merged in the layers); every
+  base leaf is behind stop_gradient, so differentiating through the result reaches only the adapters.
+
+  `dropout_key` (a typed key) turns on `lcfg.dropout` on the adapters' inputs, with independent masks per target
+  and per layer: pass it for training steps, never for evaluation. The output head, read merged, gets none.
+  """
   _check_adapter(base, lora, lcfg)
   out = jax.tree.map(jax.lax.stop_gradient, base)  # the whole base is frozen, embedding and norms included
-  for name in lcfg.targets:
+  for index, name in enumerate(lcfg.targets):
     path, _, n_out, _ = TARGETS[name]
-    node = _get(lora, path)
-    out = _with(out, path, LoraWeight(_get(out, path), node["a"], node["b"], lcfg.scale, n_out))
+    node, weight = _get(lora, path), _get(out, path)
+    key = None
+    if dropout_key is not None and lcfg.dropout > 0:
+      key = jax.random.fold_in(dropout_key, index)
+      if path[0] == "layers":
+        key = jax.random.split(key, weight.shape[0])  # one key per layer: the layer scan slices it
+    out = _with(out, path, LoraWeight(weight, node["a"], node["b"], lcfg.scale, n_out, dropout_key=key,
+                                      dropout=lcfg.dropout))
   return out
 
 
@@ -369,6 +390,8 @@ def trainable_count(lora: Params) -> int:
 
 
 def warn_if_dropout(lcfg: LoraConfig) -> None:
+  """For trainers that do not pass a dropout key to apply_lora (DPO: the policy and its reference must see the
+  same activations)."""
   if lcfg.dropout > 0:
-    warnings.warn(f"LoRA dropout {lcfg.dropout} is recorded in the adapter config but not applied: adapters are "
-                  "merged per layer inside the forward (see internlm_jax.lora)", stacklevel=3)
+    warnings.warn(f"LoRA dropout {lcfg.dropout} is recorded in the adapter config but not applied by this "
+                  "trainer (see internlm_jax.lora.apply_lora)", stacklevel=3)

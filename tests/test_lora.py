@@ -78,6 +78,41 @@ def test_gradients_reach_only_adapters(base):
   assert float(jnp.abs(g_lora["layers"]["w2"]["a"]).max()) == 0
 
 
+def test_dropout_masks_only_the_adapter_input_and_is_seeded(base):
+  lcfg = L.LoraConfig(rank=4, alpha=8.0, dropout=0.5, targets=("wqkv", "w2"))
+  lora = _noisy(L.init_lora(CONFIG, lcfg, jax.random.key(1)))
+  tokens = _tokens(3)
+  plain = _fwd(L.apply_lora(base, lora, lcfg), tokens)  # no key: no dropout (evaluation)
+  key = jax.random.key(7)
+  dropped = _fwd(L.apply_lora(base, lora, lcfg, key), tokens)
+  np.testing.assert_array_equal(dropped, _fwd(L.apply_lora(base, lora, lcfg, key), tokens))  # seeded
+  assert float(jnp.abs(dropped - plain).max()) > 1e-4
+  assert float(jnp.abs(dropped - _fwd(L.apply_lora(base, lora, lcfg, jax.random.key(8)), tokens)).max()) > 1e-4
+  # Zero adapters: dropout on their input changes nothing, so it never touches the base path.
+  zero = jax.tree.map(jnp.zeros_like, lora)
+  np.testing.assert_array_equal(_fwd(L.apply_lora(base, zero, lcfg, key), tokens), _fwd(base, tokens))
+  # One layer's projection by hand: x W + s * (mask * x / (1 - p)) a b with that layer's own key.
+  layer_weight = jax.tree.map(lambda w: w[1], L.apply_lora(base, lora, lcfg, key)["layers"]["w2"])
+  h = jax.random.normal(jax.random.key(5), (2, 5, CONFIG.intermediate_size))
+  keep = jax.random.bernoulli(layer_weight.dropout_key, 0.5, h.shape)
+  want = h @ base["layers"]["w2"][1] + lcfg.scale * ((jnp.where(keep, h / 0.5, 0) @ lora["layers"]["w2"]["a"][1])
+                                                     @ lora["layers"]["w2"]["b"][1])
+  np.testing.assert_allclose(layer_weight.project("btf,fe->bte", h, jnp.float32), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_step_applies_dropout_reproducibly(base):
+  lcfg = L.LoraConfig(rank=4, alpha=8.0, dropout=0.3)
+  tx = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=20))
+  lora = _noisy(L.init_lora(CONFIG, lcfg, jax.random.key(1)))
+  batch = _sft_batch(2)
+  losses = {}
+  for name, cfg in {"dropout": lcfg, "dropout again": lcfg, "none": L.LoraConfig(rank=4, alpha=8.0)}.items():
+    step = make_finetune_step(CONFIG, cfg, tx, rules=None)
+    _, metrics = step(create_adapter_state(lora, tx), base, batch)
+    losses[name] = float(metrics["loss"])
+  assert losses["dropout"] == losses["dropout again"] and losses["dropout"] != losses["none"]
+
+
 def _sft_batch(seed, B=4, T=16):
   rng = np.random.default_rng(seed)
   pattern = np.tile(rng.integers(3, 40, 8), 3)  # a repeating pattern: learnable in a few steps

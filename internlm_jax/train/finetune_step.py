@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from internlm_jax.config import ModelConfig
 from internlm_jax import layers
-from internlm_jax.lora import LoraConfig, apply_lora, warn_if_dropout
+from internlm_jax.lora import LoraConfig, apply_lora
 from internlm_jax.model import hidden_states
 from internlm_jax.quant_nf4 import QuantizedWeight, gather_embedding, quantized_head_cross_entropy, vocab_chunk
 from internlm_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
@@ -113,10 +113,12 @@ def base_cross_entropy_sums(params, batch, config: ModelConfig, rules: ShardingR
   return cross_entropy_sums(params, dict(batch, tokens=tokens), config, rules)
 
 
-def lora_loss_sums(config: ModelConfig, lcfg: LoraConfig, base, rules: ShardingRules | None) -> SumsFn:
-  """Masked next-token cross-entropy sums of base + adapters (the pretraining loss on merged weights)."""
+def lora_loss_sums(config: ModelConfig, lcfg: LoraConfig, base, rules: ShardingRules | None,
+                   dropout_key: jax.Array | None = None) -> SumsFn:
+  """Masked next-token cross-entropy sums of base + adapters (the pretraining loss), LoRA dropout with a key."""
   def fn(adapters, batch):
-    loss_sum, count = base_cross_entropy_sums(apply_lora(base, adapters, lcfg), batch, config, rules)
+    params = apply_lora(base, adapters, lcfg, dropout_key)
+    loss_sum, count = base_cross_entropy_sums(params, batch, config, rules)
     return loss_sum, (count, {})
   return fn
 
@@ -130,12 +132,13 @@ def make_finetune_step(config: ModelConfig, lcfg: LoraConfig, tx: optax.Gradient
   For QLoRA pass a quantized base; use config.remat_policy="full" to keep merged weights out of the saved
   activations (see lora.py).
   """
-  warn_if_dropout(lcfg)
-
   def step(state: TrainState, base, batch):
     batch = {k: batch[k] for k in BATCH_KEYS}
-    loss_sum, count, _, grads = accumulate(lora_loss_sums(config, lcfg, base, rules), state.params, batch,
-                                           grad_accum, rules)
+    dropout_key = None
+    if lcfg.dropout > 0:  # a fresh mask every step, reproducible on resume
+      dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    loss_sum, count, _, grads = accumulate(lora_loss_sums(config, lcfg, base, rules, dropout_key), state.params,
+                                           batch, grad_accum, rules)
     new_state, metrics = apply_update(state, tx, loss_sum, count, grads)
     metrics["tokens"] = count
     if lr_schedule is not None:
