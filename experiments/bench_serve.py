@@ -30,7 +30,7 @@ NEW = flags.DEFINE_integer("new_tokens", 64, "decoded tokens per sequence for th
 STEPS = flags.DEFINE_integer("steps_per_call", 8, "engine decode steps per host round trip")
 REQUESTS = flags.DEFINE_integer("requests", 200, "requests per load run")
 RATES = flags.DEFINE_string("rates", "auto", "arrival rates (req/s), comma separated; auto: 0.5, 1 and 2 times "
-                            "the capacity estimated from batch-32 decode")
+                            "the capacity estimated from the trace's prefill time and batch-32 decode")
 SLOTS = flags.DEFINE_integer("slots", 32, "engine slots for the load runs")
 TORCH = flags.DEFINE_bool("torch", True, "time transformers generate")
 LLAMACPP = flags.DEFINE_bool("llamacpp", True, "time llama.cpp (if llama_cpp is installed)")
