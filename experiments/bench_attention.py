@@ -12,9 +12,7 @@ then the paged decode kernel's achieved read bandwidth against a measured device
 """
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,13 +31,8 @@ COPY_MIB = flags.DEFINE_integer("copy_mib", 1024, "array size of the copy-bandwi
 
 
 def median_time(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  from internlm_jax.train.metrics import median_seconds
+  return median_seconds(fn, repeats, warmup=1)
 
 
 def causal_flops(B, T, H, D):

@@ -17,9 +17,7 @@ bar the issue sets for a LoRA step (lora_step_vs_base <= 1.1).
 """
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -74,14 +72,8 @@ def _memory(jitted, *args) -> dict:
 
 def _median_seconds(call, steps: int) -> float:
   import jax
-  for _ in range(2):
-    jax.block_until_ready(call())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  from internlm_jax.train.metrics import median_seconds
+  return median_seconds(lambda: jax.block_until_ready(call()), steps, warmup=2)
 
 
 def measure(method: str, config, batch) -> dict:

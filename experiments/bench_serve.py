@@ -46,7 +46,7 @@ def bench_config():
 
 
 def _median_seconds(fn, repeats):
-  from internlm_jax.serve.bench_peers import median_seconds
+  from internlm_jax.train.metrics import median_seconds
   return median_seconds(fn, repeats)
 
 

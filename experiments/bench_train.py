@@ -8,9 +8,7 @@ writes {"mfu", "tokens_per_sec", "torch_tokens_per_sec", "speedup_vs_torch", ...
 """
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,12 +28,8 @@ TORCH = flags.DEFINE_bool("torch", True, "also time the PyTorch peer")
 
 
 def _median_step_time(fn, steps):
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  from internlm_jax.train.metrics import median_seconds
+  return median_seconds(fn, steps)
 
 
 def bench_ours(config, batch, seq, steps):

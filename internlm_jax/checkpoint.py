@@ -227,6 +227,15 @@ class CheckpointManager:
     raise CheckpointError(f"{self.directory}: none of the checkpoints {sorted(steps)} can be restored (does "
                           f"the model/optimizer config match the saved run?); newest error: {failed[0][1]}")
 
+  def restore_or_init(self, abstract_state: TrainState, init) -> tuple[TrainState, Any]:
+    """(state, data-iterator state or None): the newest good checkpoint, else `init()` (a fresh run)."""
+    restored = self.restore(abstract_state)
+    if restored is None:
+      return init(), None
+    state, data_state, _ = restored
+    logging.info("resumed from step %d", int(state.step))
+    return state, data_state
+
   def _try_restore(self, abstract_state, step: int):
     """((state, data, extra), None) or (None, a one-line reason); every process gets the same verdict."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),

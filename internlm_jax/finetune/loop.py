@@ -152,13 +152,7 @@ def run(cfg, workdir: str) -> dict:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     ckpt = checkpoint_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
                                             keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
-    restored = ckpt.restore(abstract)
-    data_state = None
-    if restored is not None:
-      state, data_state, _ = restored
-      logging.info("resumed from step %d", int(state.step))
-    else:
-      state = fresh_state()
+    state, data_state = ckpt.restore_or_init(abstract, fresh_state)
     start = int(state.step)
     # "before" is the model at step 0: the base, or base + zero adapters (exactly the base, or for QLoRA the NF4
     # base) so that it compiles once with "after".

@@ -1,18 +1,9 @@
 """Peers for experiments/bench_serve.py: transformers' LlamaForCausalLM and llama.cpp (llama-cpp-python) decoding
 our weights (float32 LlamaForCausalLM; GGUF f32 / q8_0 via serve/gguf.py), timed the same way as our engine."""
 import os
-import statistics
 import time
 
-
-def median_seconds(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
+from internlm_jax.train.metrics import median_seconds
 
 _HF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",

@@ -13,7 +13,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -21,12 +20,12 @@ from internlm_jax import checkpoint as checkpoint_lib
 from internlm_jax.config import ConfigError, ModelConfig, get_preset
 from internlm_jax.data import pipeline, sources
 from internlm_jax.generate import generate
-from internlm_jax.model import abstract_params, param_shardings
+from internlm_jax.model import param_shardings
 from internlm_jax.sharding import DEFAULT_RULES, make_mesh
 from internlm_jax.tokenizer import Tokenizer
 from internlm_jax.train import metrics as metrics_lib
 from internlm_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-from internlm_jax.train.state import TrainState, create_train_state, train_state_shardings
+from internlm_jax.train.state import create_train_state, train_state_shardings
 from internlm_jax.train.step import cross_entropy_sums, make_train_step
 
 
@@ -194,13 +193,7 @@ def run(cfg, workdir: str, on_log=None) -> dict:
       shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))
   ckpt = checkpoint_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
                                           keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
-  restored = ckpt.restore(abstract)
-  data_state = None
-  if restored is not None:
-    state, data_state, _ = restored
-    logging.info("resumed from step %d", int(state.step))
-  else:
-    state = fresh_state()
+  state, data_state = ckpt.restore_or_init(abstract, fresh_state)
   start = int(state.step)
 
   rows, shard_index, shard_count, to_global = _host_reader(cfg)

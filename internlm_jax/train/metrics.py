@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 import jax
@@ -17,6 +18,19 @@ KNOWN_PEAK_FLOPS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
     "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v4": 275e12, "TPU v6": 918e12,
 }
+
+
+def median_seconds(fn, repeats: int, warmup: int = 0) -> float:
+  """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones; fn must block on its result
+  (jax.block_until_ready) so that the time covers the computation, not its dispatch. For benchmarks."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
