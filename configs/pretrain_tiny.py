@@ -29,7 +29,11 @@ def get_config():
   c.model.remat_policy = "none"
   c.model.scan_layers = True
   c.model.attention_impl = "xla"
-  c.model.overrides = config_dict.ConfigDict()  # any other ModelConfig field, e.g. --config.model.overrides.num_layers=2
+  c.model.attention_block_size = 512  # query chunk of "chunked", kv block of "blockwise" attention
+  c.model.loss_chunk_size = 0  # tokens per chunk of the fused output head + loss (0: the whole sequence)
+  # Any other ModelConfig field, set in a config file (c.model.overrides.num_layers = 2): the command line can
+  # only set keys a config already has.
+  c.model.overrides = config_dict.ConfigDict()
 
   c.optimizer = config_dict.ConfigDict(dict(learning_rate=3e-3, min_lr_ratio=0.1, warmup_steps=20, b1=0.9, b2=0.95,
                                             eps=1e-8, weight_decay=0.1, grad_clip=1.0))

@@ -117,6 +117,7 @@ def test_kill_minus_nine_then_rerun_is_bit_identical(corpus, uninterrupted, tmp_
 @pytest.mark.parametrize("override,message", [
     ("--config.batch_size=6", "batch_size=6 must be divisible"),
     ("--config.seq_len=100000", "exceeds the model's max_position_embeddings"),
+    ("--config.model.loss_chunk_size=48", "loss_chunk_size=48 must divide config.seq_len"),
     ("--config.model.preset=internlm9", "unknown preset 'internlm9'"),
     ("--config.data.train_paths=/nonexistent/corpus", "/nonexistent/corpus"),
 ])

@@ -37,8 +37,14 @@ def model_config_from(cfg, vocab_size: int) -> ModelConfig:
   overrides = dict(cfg.model.get("overrides", {}) or {})
   model = get_preset(cfg.model.preset).replace(
       vocab_size=vocab_size, dtype=cfg.model.dtype, remat_policy=cfg.model.remat_policy,
-      scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl, **overrides)
+      scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl, **_optional_model_keys(cfg),
+      **overrides)
   return model
+
+
+def _optional_model_keys(cfg) -> dict:
+  """ModelConfig fields a config may set directly under config.model (older configs may lack them)."""
+  return {k: cfg.model[k] for k in ("attention_block_size", "loss_chunk_size") if k in cfg.model}
 
 
 def validate(cfg) -> None:
@@ -64,6 +70,10 @@ def validate(cfg) -> None:
   max_pos = int((cfg.model.get("overrides", {}) or {}).get("max_position_embeddings", max_pos))
   if cfg.seq_len > max_pos:
     raise ConfigError(f"config.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+  loss_chunk = int(cfg.model.get("loss_chunk_size", 0) or 0)
+  if loss_chunk < 0 or (loss_chunk and cfg.seq_len % loss_chunk):
+    raise ConfigError(f"config.model.loss_chunk_size={loss_chunk} must divide config.seq_len="
+                      f"{cfg.seq_len} (or be 0: the whole sequence at once)")
   if cfg.data.corpus not in ("shakespeare", "files"):
     raise ConfigError(f"config.data.corpus must be 'shakespeare' or 'files', got {cfg.data.corpus!r}")
   if cfg.data.corpus == "files" and not cfg.data.train_paths:
