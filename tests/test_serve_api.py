@@ -1,15 +1,12 @@
 """OpenAI-compatible HTTP API: routes, echo/logprobs scoring, streaming, tool calls, and 4xx (never 500) for bad
 input. A tiny random model behind a real scheduler; tool-call mapping also through a scripted scheduler."""
-import contextlib
 import importlib.util
 import json
 import os
-import threading
 import time
 import types
 
 import httpx
-import uvicorn
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +19,7 @@ from internlm_jax.serve.api import create_app
 from internlm_jax.serve.engine import Engine, EngineConfig
 from internlm_jax.serve.sampling import SamplingParams
 from internlm_jax.serve.scheduler import Delta, Finished, Scheduler, ServerBusyError, TokenInfo
-from internlm_jax.serve.testing import tiny_model, tiny_tokenizer
+from internlm_jax.serve.testing import loopback_server, tiny_model, tiny_tokenizer
 
 MODEL = "tiny-internlm2"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,22 +35,6 @@ def setup(tmp_path_factory):
   with TestClient(create_app(sched, tok, MODEL), raise_server_exceptions=False) as client:
     yield client, sched, tok, (config, params)
   sched.stop()
-
-
-@contextlib.contextmanager
-def live_server(app):
-  """uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL."""
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  while not server.started:
-    time.sleep(0.01)
-  port = server.servers[0].sockets[0].getsockname()[1]
-  try:
-    yield f"http://127.0.0.1:{port}"
-  finally:
-    server.should_exit = True
-    thread.join()
 
 
 def post(client, path, body):
@@ -170,7 +151,7 @@ def test_queue_full_is_429_and_disconnect_returns_pages(setup):
   # Over real HTTP (TestClient only disconnects after the response ends): clients that go away mid-stream or
   # mid-wait cancel their requests, and their pages come back.
   before = sched.finished["cancelled"]
-  with live_server(create_app(sched, tok, MODEL)) as base:
+  with loopback_server(create_app(sched, tok, MODEL)) as base:
     with httpx.stream("POST", base + "/v1/completions", json={**long, "max_tokens": 150, "stream": True},
                       timeout=60) as r:
       assert r.status_code == 200
@@ -179,7 +160,7 @@ def test_queue_full_is_429_and_disconnect_returns_pages(setup):
   assert sched.finished["cancelled"] == before + 1
   # A non-streaming client that gives up while its request waits: the request is cancelled.
   hanging = ScriptedScheduler(tok, None)
-  with live_server(create_app(hanging, tok, MODEL)) as base:
+  with loopback_server(create_app(hanging, tok, MODEL)) as base:
     with pytest.raises(httpx.ReadTimeout):
       httpx.post(base + "/v1/completions", json=long, timeout=0.5)
     deadline = time.monotonic() + 10

@@ -6,44 +6,22 @@ A tiny random model sits behind a real scheduler. It cannot write valid tool-cal
 trip runs against a scripted scheduler that answers with a fixed plugin call; forced tool_choice still goes
 through the real model to show the path never fails.
 """
-import contextlib
 import json
-import threading
-import time
 import types
 
 import openai
 import pytest
-import uvicorn
 
 from internlm_jax.serve.api import create_app
 from internlm_jax.serve.engine import Engine, EngineConfig
 from internlm_jax.serve.scheduler import Delta, Finished, ServerBusyError, Scheduler, TokenInfo
-from internlm_jax.serve.testing import tiny_model, tiny_tokenizer
+from internlm_jax.serve.testing import loopback_server, tiny_model, tiny_tokenizer
 
 MODEL = "tiny-internlm2"
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 CALL = '<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|action_end|>'
-
-
-@contextlib.contextmanager
-def uvicorn_on_loopback(app):
-  """Serves `app` from a thread on 127.0.0.1 with a port the OS picks; yields the base URL."""
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 30
-  while not server.started:
-    assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-    time.sleep(0.01)
-  port = server.servers[0].sockets[0].getsockname()[1]
-  try:
-    yield f"http://127.0.0.1:{port}"
-  finally:
-    server.should_exit = True
-    thread.join(timeout=30)
 
 
 def make_client(base: str) -> openai.OpenAI:
@@ -63,7 +41,7 @@ def live(tok):
                     sample_vocab=tok.vocab_size)
   sched = Scheduler(Engine(params, config, ec), tok, max_queue=8).start()
   try:
-    with uvicorn_on_loopback(create_app(sched, tok, MODEL)) as base:
+    with loopback_server(create_app(sched, tok, MODEL)) as base:
       client = make_client(base)
       yield client, sched
       client.close()
@@ -156,7 +134,7 @@ def test_forced_tool_choice_on_the_real_model_never_fails(live):
 
 def test_tool_call_round_trip(tok):
   scripted = ScriptedScheduler(tok, "Let me check." + CALL)
-  with uvicorn_on_loopback(create_app(scripted, tok, MODEL)) as base:
+  with loopback_server(create_app(scripted, tok, MODEL)) as base:
     client = make_client(base)
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     done = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
@@ -200,7 +178,7 @@ def test_errors_map_to_client_exceptions(live, tok):
     client.completions.create(model=MODEL, prompt="hi", frequency_penalty=0.5)
   assert e.value.param == "frequency_penalty"
   busy = ScriptedScheduler(tok, busy=True)
-  with uvicorn_on_loopback(create_app(busy, tok, MODEL)) as base:
+  with loopback_server(create_app(busy, tok, MODEL)) as base:
     with make_client(base) as other, pytest.raises(openai.RateLimitError) as e:
       other.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
   assert e.value.code == "server_busy"

@@ -5,7 +5,6 @@ After every storm the allocator must hold all its pages again and the server mus
 (cases test_serve_api.py does not already cover) must be a 4xx with an OpenAI error body, never a 500. Slow:
 a tiny model, but a hundred clients and a few hundred fuzzed requests take a minute or two on 2 cores.
 """
-import contextlib
 import json
 import random
 import threading
@@ -14,14 +13,13 @@ import time
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from internlm_jax.serve.api import create_app
 from internlm_jax.serve.engine import Engine, EngineConfig
 from internlm_jax.serve.scheduler import Scheduler
-from internlm_jax.serve.testing import tiny_model, tiny_tokenizer
+from internlm_jax.serve.testing import loopback_server, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -29,23 +27,6 @@ MODEL = "tiny-internlm2"
 CLIENTS = 100
 STORM_S = 240  # the whole storm must end within this, or the test fails rather than hangs
 WORDS = "the quick brown fox jumps over lazy dog weather in Paris numbers tools chat".split()
-
-
-@contextlib.contextmanager
-def loopback_server(app):
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                         limit_concurrency=CLIENTS + 50, backlog=2 * CLIENTS))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 30
-  while not server.started:
-    assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-    time.sleep(0.01)
-  try:
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-  finally:
-    server.should_exit = True
-    thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +38,8 @@ def server(tmp_path_factory):
                     sample_vocab=tok.vocab_size)
   sched = Scheduler(Engine(params, config, ec), tok, max_queue=CLIENTS + 28).start()
   try:
-    with loopback_server(create_app(sched, tok, MODEL)) as base:
+    app = create_app(sched, tok, MODEL)
+    with loopback_server(app, limit_concurrency=CLIENTS + 50, backlog=2 * CLIENTS) as base:
       yield base, sched
   finally:
     sched.stop()

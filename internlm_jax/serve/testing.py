@@ -1,7 +1,10 @@
 """Small fixtures for serving tests and demos: a tiny random model and a tokenizer trained on a few sentences."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 
 import jax
 
@@ -22,3 +25,23 @@ def tiny_tokenizer(directory: str | os.PathLike) -> Tokenizer:
 def tiny_model(preset: str = "tiny", seed: int = 0, **overrides) -> tuple[ModelConfig, dict]:
   config = PRESETS[preset].replace(**overrides)
   return config, init_params(config, jax.random.key(seed))
+
+
+@contextlib.contextmanager
+def loopback_server(app, **uvicorn_options):
+  """Serves `app` with uvicorn from a thread on 127.0.0.1 (a port the OS picks); yields the base URL.
+  `uvicorn_options` go to uvicorn.Config (e.g. limit_concurrency, backlog for load tests)."""
+  import uvicorn
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **uvicorn_options))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not server.started:
+    if not thread.is_alive() or time.monotonic() > deadline:
+      raise RuntimeError("uvicorn did not start within 30 s")
+    time.sleep(0.01)
+  try:
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+  finally:
+    server.should_exit = True
+    thread.join(timeout=30)
