@@ -316,6 +316,7 @@ def test_int8_kv_and_kernel_paths_track_the_reference(model, reference_run, kv_d
 def test_quantized_weights_serve_and_stay_close(model, mode, max_err, monkeypatch):
   config, params = model
   monkeypatch.setattr(paged_model, "_BLOCK_ELEMENTS", 512)  # blocks of a few rows even in a tiny model
+  monkeypatch.setenv("INTERNLM_JAX_NATIVE", "0")  # the pure-JAX blocks; the native kernel: test_native_qmatmul
   qparams = quantize_params(params, mode, group_size=32 if mode == "int4" else None)
   matmuls = lambda p: quant.nbytes([p["layers"], p["output"]])  # the embedding stays float
   assert matmuls(qparams) < matmuls(params) * (0.3 if mode == "int8" else 0.2)

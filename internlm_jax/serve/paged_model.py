@@ -15,6 +15,9 @@ stay QArrays in the same [out, in] form; on one device they are dequantized a bl
 (separate arrays, so XLA cannot merge the converts into one), so the float copy of a block stays in cache
 instead of a whole dequantized matrix going through memory: XLA:CPU does not fuse an int8 -> float convert into
 a dot (measured: 12 int8 [2048, 768] matvecs 4.9 ms whole, 1.2 ms in blocks, 2.1 ms for the float32 ones).
+Better still, on one CPU device with float32 activations, per-channel int8 weights stay whole (native.qmatmul
+.Int8Weight, [out, in] int8 + scale [out]) and run on the native FFI kernel, which streams the int8 bytes once
+(native/qmatmul.py; falls back to the blocks when it cannot be built). int4 keeps the blocks.
 
 Numerics follow model._block (same products, dtypes and rope), so paged logits equal `model.forward`.
 Idle slots and padding tokens write their keys/values to the scratch page 0 and attend to nothing.
@@ -33,6 +36,7 @@ from internlm_jax import attention as attention_lib
 from internlm_jax import layers
 from internlm_jax.config import ModelConfig
 from internlm_jax.model import _embed
+from internlm_jax.native import qmatmul
 from internlm_jax.quant import QArray
 from internlm_jax.serve.kv_cache import SCRATCH_PAGE, PagedKVCache
 from internlm_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
@@ -46,9 +50,10 @@ _LAYOUT = {"wqkv": ((1, 2, 3, 0), 3, ("kv_heads", "embed")), "wo": ((2, 0, 1), 1
 _BLOCK_ELEMENTS = 1 << 18  # a quantized weight's row block: 1 MB dequantized (best measured at batch 1 and 32)
 
 
-def _serving_weight(w, perm, n_out, blocks: bool = False):
-  """One per-layer weight -> [out, in] (dense) or a QArray with q [out, m, g], scale [out, m, 1]; with `blocks`
-  a quantized one becomes a tuple of QArrays of consecutive rows, ~_BLOCK_ELEMENTS each."""
+def _serving_weight(w, perm, n_out, blocks: bool = False, native: bool = False):
+  """One per-layer weight -> [out, in] (dense) or a QArray with q [out, m, g], scale [out, m, 1]; with `native`
+  a per-channel int8 one becomes an Int8Weight (q [out, in], scale [out]); else with `blocks` a quantized one
+  becomes a tuple of QArrays of consecutive rows, ~_BLOCK_ELEMENTS each."""
   if not isinstance(w, QArray):
     w = jnp.transpose(w, perm)
     return w.reshape(math.prod(w.shape[:n_out]), -1)
@@ -58,6 +63,8 @@ def _serving_weight(w, perm, n_out, blocks: bool = False):
   q, scale = jnp.transpose(w.q, qperm), jnp.transpose(w.scale, qperm)
   out = math.prod(q.shape[:n_out])
   w = QArray(q.reshape(out, -1, q.shape[-1]), scale.reshape(out, -1, 1), -2)
+  if native and w.q.dtype == jnp.int8 and w.q.shape[1] == 1:
+    return qmatmul.Int8Weight(w.q.reshape(out, -1), w.scale.reshape(out).astype(jnp.float32))
   if not blocks:
     return w
   size = w.shape[1]
@@ -78,17 +85,20 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
   """Model params (stacked [L, ...] layers, float or quant.QArray weights) -> the serving layout: "layers" a tuple
   of per-layer dicts, matmul weights [out, in]. Without a mesh, quantized weights are split into row blocks
   (dequantized one at a time in `linear`); on `mesh` they stay whole and everything is placed with the weights'
-  logical-axis shardings."""
+  logical-axis shardings. Without a mesh, on CPU, with float32 activations, per-channel int8 weights become
+  Int8Weights for the native kernel when it is available (`native_int8`)."""
   is_q = lambda x: isinstance(x, QArray)
   stacked, blocks = params["layers"], mesh is None
+  native = native_int8(params, config, mesh)
 
   @jax.jit
   def one_layer(stacked, i):
     layer = jax.tree.map(lambda w: w[i], stacked)
-    return {k: (_serving_weight(w, *_LAYOUT[k][:2], blocks) if k in _LAYOUT else w) for k, w in layer.items()}
+    return {k: (_serving_weight(w, *_LAYOUT[k][:2], blocks, native) if k in _LAYOUT else w)
+            for k, w in layer.items()}
 
   out = {"embed": params["embed"], "norm": params["norm"],
-         "output": jax.jit(lambda w: _serving_weight(w, *_LAYOUT["output"][:2], blocks))(params["output"]),
+         "output": jax.jit(lambda w: _serving_weight(w, *_LAYOUT["output"][:2], blocks, native))(params["output"]),
          "layers": tuple(one_layer(stacked, i) for i in range(config.num_layers))}
   if mesh is None:
     return out
@@ -103,8 +113,20 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
   return jax.device_put(out, shardings)
 
 
+def native_int8(params, config: ModelConfig, mesh=None) -> bool:
+  """Whether `serving_params` gives per-channel int8 weights to the native kernel: one device (the kernel is
+  not partitioned), float32 activations, int8 weights present, and the kernel built (compiled on first use)."""
+  has_int8 = any(isinstance(x, QArray) and x.q.dtype == jnp.int8
+                 for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)))
+  return (mesh is None and has_int8 and jnp.dtype(config.dtype) == jnp.float32 and qmatmul.available())
+
+
 def linear(x, w, dtype):
   """x [..., in] times a serving-layout weight [out, in] (or a tuple of row blocks) -> [..., out]."""
+  if isinstance(w, qmatmul.Int8Weight):
+    if x.dtype == jnp.float32 and dtype == jnp.float32:
+      return qmatmul.qmatmul(x, w)
+    return jnp.einsum("...i,oi->...o", x, w.astype(dtype))
   if isinstance(w, tuple):  # blocks of a quantized weight: each dequantized copy stays in cache for its dot
     return jnp.concatenate([linear(x, block, dtype) for block in w], axis=-1)
   return jnp.einsum("...i,oi->...o", x, w.astype(dtype))

@@ -1,0 +1,1 @@
+"""Native (C++) CPU kernels registered with XLA's FFI, built on first use (see build.py)."""

@@ -1,0 +1,68 @@
+"""Builds the package's C++ XLA FFI kernels on first use and loads them (there is no separate build step: an
+install is the source tree, and the library is compiled for the machine that runs it).
+
+The shared library is cached under $INTERNLM_JAX_NATIVE_CACHE (default ~/.cache/internlm_jax/native), keyed by
+the source, the jaxlib version (the FFI headers) and the CPU's feature flags (-march=native). Concurrent builders
+(pytest-xdist workers) each compile to a temporary file and rename it into place, which is atomic.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def cache_dir() -> pathlib.Path:
+  default = pathlib.Path.home() / ".cache" / "internlm_jax" / "native"
+  return pathlib.Path(os.environ.get("INTERNLM_JAX_NATIVE_CACHE", default))
+
+
+def _cpu_flags() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        return line
+  except OSError:
+    pass
+  import platform
+  return platform.processor()
+
+
+def compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL:
+  """Compiles (if not cached) and loads `name`.cc from this directory; raises RuntimeError on failure."""
+  import jax
+  import jaxlib
+  cxx = compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler (g++ or $CXX) found")
+  source = _HERE / f"{name}.cc"
+  key = hashlib.sha256(source.read_bytes() + jaxlib.__version__.encode() + _cpu_flags().encode()
+                       + cxx.encode()).hexdigest()[:16]
+  target = cache_dir() / f"{name}-{key}.so"
+  if not target.exists():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
+    os.close(fd)
+    cmd = [cxx, "-O3", "-march=native", "-shared", "-fPIC", "-std=c++17",
+           f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+      if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+      os.replace(tmp, target)  # atomic: a concurrent builder's identical file may win, which is fine
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+  return ctypes.CDLL(str(target))

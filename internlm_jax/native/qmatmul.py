@@ -1,0 +1,103 @@
+"""int8-weight matmul on XLA:CPU through a native FFI kernel (qmatmul.cc), for the serving engine.
+
+Shapes: x [..., K] float32, w an `Int8Weight` (q [N, K] int8, scale [N] float32, i.e. a per-output-channel int8
+quant.QArray kept whole) -> y [..., N] float32.
+
+XLA:CPU does not fuse an int8 -> float convert into a dot, so the pure-JAX path (dequantize, then dot) reads and
+writes a float copy of every weight; the kernel streams the int8 weight once. Rows of x below `vnni_min_rows`
+take the exact kernel (int8 -> float in registers, float FMA); more rows take the VNNI kernel, which quantizes
+x to int8 per block of 64 (error bound in qmatmul.cc and `vnni_error_bound`). Disable with INTERNLM_JAX_NATIVE=0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internlm_jax.native import build
+
+_TARGET = "internlm_jax_qmatmul_i8"
+# Rows of x from which the VNNI kernel runs (measured on a 2-core Sapphire Rapids, 768x2048 weights: the exact
+# kernel is bandwidth bound up to a few rows, VNNI wins from about 4). Override: INTERNLM_JAX_NATIVE_VNNI_MIN_ROWS.
+VNNI_MIN_ROWS = 4
+_state: dict[str, object] = {}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Int8Weight:
+  q: jax.Array      # [N, K] int8
+  scale: jax.Array  # [N] float32
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.q.shape
+
+  def astype(self, dtype) -> jax.Array:
+    return self.q.astype(dtype) * self.scale.astype(dtype)[:, None]
+
+
+def enabled_by_env() -> bool:
+  return os.environ.get("INTERNLM_JAX_NATIVE", "1").lower() not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+  """Whether the native kernel can run here: enabled, CPU backend, built, loaded and supported by this CPU.
+  The first failure is reported once as a warning; the caller then keeps the pure-JAX path."""
+  if not enabled_by_env() or jax.default_backend() != "cpu":
+    return False
+  if "ok" not in _state:
+    try:
+      lib = build.load("qmatmul")
+      if not lib.internlm_native_supported():
+        raise RuntimeError("this CPU lacks AVX-512 (F, BW, VL) or AVX512-VNNI")
+      jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.InternlmQMatmulI8), platform="cpu")
+      _state["ok"] = True
+    except Exception as e:  # no compiler, a failed build, an unsupported CPU: keep the pure-JAX path
+      _state["ok"] = False
+      _state["error"] = str(e)
+      warnings.warn(f"internlm_jax native int8 matmul unavailable, using the pure-JAX path: {e}", stacklevel=2)
+    else:
+      logging.info("internlm_jax native int8 matmul loaded")
+  return bool(_state["ok"])
+
+
+def vnni_min_rows() -> int:
+  return int(os.environ.get("INTERNLM_JAX_NATIVE_VNNI_MIN_ROWS", VNNI_MIN_ROWS))
+
+
+def qmatmul(x: jax.Array, w: Int8Weight, *, min_rows: int | None = None) -> jax.Array:
+  """x [..., K] float32 @ w.T -> [..., N] float32 on the native kernel (call `available()` first). `min_rows`:
+  rows of x from which the VNNI kernel runs (default `vnni_min_rows()`; a huge value forces the exact one)."""
+  chex.assert_rank([w.q, w.scale], [2, 1])
+  chex.assert_type([x, w.q, w.scale], [jnp.float32, jnp.int8, jnp.float32])
+  N, K = w.q.shape
+  if x.shape[-1] != K or w.scale.shape[0] != N:
+    raise ValueError(f"qmatmul: x {x.shape} against weight q {w.q.shape}, scale {w.scale.shape}")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, K)
+  rows = vnni_min_rows() if min_rows is None else min_rows
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))
+  return call(x2, w.q, w.scale, vnni_min_rows=np.int64(rows)).reshape(*lead, N)
+
+
+def reference(x: jax.Array, w: Int8Weight) -> jax.Array:
+  """The pure-JAX product the kernel computes: dequantize, then dot."""
+  return jnp.einsum("...k,nk->...n", x, w.astype(jnp.float32), precision="highest")
+
+
+def vnni_error_bound(x: jax.Array, w: Int8Weight) -> jax.Array:
+  """[..., N] bound on |VNNI kernel - exact|: x is rounded per block of 64 along K to steps of the block's
+  max |x| / 127, so each product is off by at most half its block's step times |w|."""
+  K = x.shape[-1]
+  pad = -K % 64
+  xb = jnp.pad(jnp.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], -1, 64)
+  wb = jnp.pad(jnp.abs(w.astype(jnp.float32)), [(0, 0), (0, pad)]).reshape(w.q.shape[0], -1, 64)
+  half_step = jnp.max(xb, axis=-1) / 254.0  # [..., blocks]
+  return jnp.einsum("...b,nb->...n", half_step, jnp.sum(wb, axis=-1), precision="highest")
