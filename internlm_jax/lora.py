@@ -211,9 +211,11 @@ class LoraWeight:
     weight and no gradient the size of W are ever built, so a step costs the base's forward and input gradients
     plus the adapters' small matmuls. x's trailing dims are the weight's input dims (every projection in
     model.py). Dropout (PEFT's lora_dropout) applies only on the adapter's input and only when a key is set."""
-    base = jax.lax.stop_gradient(self.base.astype(dtype))
-    out = jnp.einsum(spec, x, base)
-    n_in = base.ndim - self.n_out
+    if hasattr(self.base, "project"):  # a quantized base: decoded again in the backward, not saved (quant_nf4_ops)
+      out = self.base.project(spec, x, dtype)
+    else:
+      out = jnp.einsum(spec, x, jax.lax.stop_gradient(self.base.astype(dtype)))
+    n_in = len(self.base.shape) - self.n_out
     adapter_in = x
     if self.dropout_key is not None and self.dropout > 0:
       keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)

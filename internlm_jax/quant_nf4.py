@@ -19,17 +19,26 @@ model.param_specs; n = prod(W.shape[len(lead):]) elements per layer; nb = ceil(n
   kind   codes                               scales
   nf4    uint8 [*lead, nb * block / 2]       float32 [*lead, nb]         two 4-bit codes per byte (low nibble first)
   int8   int8  [*lead, *in, *out] (= W)      float32 [*lead, 1.., *out]  symmetric, one scale per output channel
+  nf4 with double_quant=True: scales int8 [*lead, nb], plus scale2 float32 [*lead, ceil(nb / 256)] and
+  offset float32 [*lead]: scale = offset + scales * scale2[block // 256]
 
 NF4 (Dettmers et al., QLoRA): each block of `block` consecutive elements (row-major within one layer, so a scan
 over layers slices whole blocks) is divided by its absmax and rounded to the nearest of 16 levels placed at
 normal quantiles, asymmetric so that 0 is exact. Error bound per element: absmax(block) * (largest gap between
 neighbouring levels) / 2, about 0.152 * absmax. int8: round(w / s) with s = absmax(channel) / 127, error <= s / 2.
-Double quantization of the scales (XTuner's QLoRA) is not done: float32 scales cost 4 / block bytes per weight
-(0.0625 at block 64; `scale_dtype="bfloat16"` halves it).
+Double quantization (QLoRA's, bitsandbytes' bnb_4bit_use_double_quant, XTuner's default): float32 scales cost
+4 / block bytes per weight (0.0625 at block 64); the NF4 codes are chosen against the exact absmax, then the absmax
+values of each layer are centred on their mean (`offset`) and stored as symmetric int8 in groups of 256 blocks
+with one float32 step each (`scale2` = group absmax / 127): 1 / 64 + 4 / 16384 bytes per weight, 0.047 less.
+The decoded scale is off by at most scale2 / 2, so the element bound grows to
+(scale + scale2 / 2) * 0.152 + scale2 / 2 (`error_bound`). bitsandbytes stores the second level with its
+8-bit dynamic code; a linear int8 code per 256 blocks keeps the same layout and cost with a simpler bound.
 
-`QuantizedWeight.astype(dtype)` dequantizes, which is all model.py asks of a projection weight (see lora.py): a
-quantized params tree runs through `model.forward` as is, layer by layer inside the scan, and stays quantized in
-memory. Norm weights are never quantized; the embedding only on request (target "embed"): model.py gathers it
+`QuantizedWeight.astype(dtype)` dequantizes, and `.project(spec, x, dtype)` (what layers.project calls) computes
+the projection with a backward that decodes the weight again instead of keeping the float copy alive
+(quant_nf4_ops): a quantized params tree runs through `model.forward` as is, layer by layer inside the scan, and
+stays quantized in memory. Embedding rows, head chunks and the head's fused loss live in quant_nf4_ops (re-exported
+here). Norm weights are never quantized; the embedding only on request (target "embed"): model.py gathers it
 with jnp.take, so callers decode the batch's rows first (`gather_embedding`; finetune_step, dpo and the
 fine-tuning evaluation do).
 """
@@ -49,6 +58,7 @@ Params = dict[str, Any]
 KINDS = ("nf4", "int8")
 # bitsandbytes' QLoRA also leaves the output head in full precision.
 DEFAULT_QUANT_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
+DOUBLE_QUANT_BLOCK = 256  # NF4 blocks per float32 second-level scale (bitsandbytes' value)
 
 
 def _nf4_levels() -> np.ndarray:
@@ -70,18 +80,26 @@ NF4_MAX_HALF_GAP = float(np.max(np.diff(NF4_LEVELS)) / 2)
 
 @jax.tree_util.register_pytree_node_class
 class QuantizedWeight:
-  """Quantized weight: leaves codes and scales; static kind, per-layer shape, block and original dtype."""
+  """Quantized weight: leaves codes, scales and (double quantization only) scale2, offset; static kind, per-layer
+  shape, block and original dtype."""
 
-  def __init__(self, codes, scales, kind: str, inner_shape: tuple[int, ...], block: int, dtype: str):
-    self.codes, self.scales = codes, scales
+  def __init__(self, codes, scales, kind: str, inner_shape: tuple[int, ...], block: int, dtype: str,
+               scale2=None, offset=None):
+    self.codes, self.scales, self.scale2, self.offset = codes, scales, scale2, offset
     self.kind, self.inner_shape, self.block, self.orig_dtype = kind, tuple(inner_shape), int(block), dtype
 
   def tree_flatten(self):
-    return (self.codes, self.scales), (self.kind, self.inner_shape, self.block, self.orig_dtype)
+    return (self.codes, self.scales, self.scale2, self.offset), (self.kind, self.inner_shape, self.block,
+                                                                 self.orig_dtype)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    codes, scales, scale2, offset = children
+    return cls(codes, scales, *aux, scale2=scale2, offset=offset)
+
+  @property
+  def double_quant(self) -> bool:
+    return self.scale2 is not None
 
   @property
   def lead(self) -> tuple[int, ...]:
@@ -98,13 +116,19 @@ class QuantizedWeight:
 
   @property
   def nbytes(self) -> int:
-    return int(self.codes.size * self.codes.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize)
+    return sum(int(x.size * x.dtype.itemsize) for x in jax.tree.leaves(self))
 
   def astype(self, dtype):
     return dequantize(self, dtype)
 
+  def project(self, spec: str, x: jax.Array, dtype) -> jax.Array:
+    """einsum(spec, x, dequantize(self)); its backward decodes again rather than saving the float weight."""
+    from internlm_jax.quant_nf4_ops import quantized_einsum  # noqa: PLC0415  (that module imports this one)
+    return quantized_einsum(spec, x, self, jnp.dtype(dtype))
+
   def __repr__(self):
-    return f"QuantizedWeight({self.kind}, shape={self.shape}, block={self.block})"
+    dq = ", double_quant" if self.double_quant else ""
+    return f"QuantizedWeight({self.kind}, shape={self.shape}, block={self.block}{dq})"
 
 
 def _check_kind(kind: str) -> None:
@@ -113,8 +137,11 @@ def _check_kind(kind: str) -> None:
 
 
 def quantize(w: jax.Array, kind: str = "nf4", *, n_lead: int = 0, n_in: int = 1, block: int = 64,
-             scale_dtype: str = "float32") -> QuantizedWeight:
-  """Quantizes W [*lead, *in, *out]; `n_lead` leading dims (the layer axis) are kept apart, `n_in` are inputs."""
+             scale_dtype: str = "float32", double_quant: bool = False) -> QuantizedWeight:
+  """Quantizes W [*lead, *in, *out]; `n_lead` leading dims (the layer axis) are kept apart, `n_in` are inputs.
+  `double_quant` (NF4 only) stores the block scales as int8 (see `double_quantize`)."""
+  if double_quant:
+    return double_quantize(quantize(w, kind, n_lead=n_lead, n_in=n_in, block=block))
   _check_kind(kind)
   if w.ndim <= n_lead + n_in:
     raise ValueError(f"weight of shape {w.shape} has no output dims after {n_lead} lead and {n_in} input dims")
@@ -141,119 +168,72 @@ def quantize(w: jax.Array, kind: str = "nf4", *, n_lead: int = 0, n_in: int = 1,
   return QuantizedWeight(packed, scale[..., 0], kind, inner, block, jnp.dtype(w.dtype).name)
 
 
-def _nf4_decode(packed: jax.Array, scales: jax.Array, block: int) -> jax.Array:
-  """float32 [..., nb * block] from packed codes [..., nb * block / 2] and their block scales [..., nb]."""
+def nf4_decode(packed: jax.Array, scales: jax.Array, block: int, levels: jax.Array | None = None) -> jax.Array:
+  """float32 [..., nb * block] from packed codes [..., nb * block / 2] and their block scales [..., nb].
+  `levels` (default NF4_LEVELS) may be a traced copy of the table, to tie the decode to another value."""
   codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1, block))
-  values = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)] * scales.astype(jnp.float32)[..., None]
+  table = jnp.asarray(NF4_LEVELS) if levels is None else levels
+  values = table[codes.astype(jnp.int32)] * scales.astype(jnp.float32)[..., None]
   return values.reshape(packed.shape[:-1] + (-1,))
 
 
-def dequantize(q: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
-  """The weight [*lead, *inner_shape] in `dtype` (float32 arithmetic, one cast at the end)."""
+def double_quantize(q: QuantizedWeight, group: int = DOUBLE_QUANT_BLOCK) -> QuantizedWeight:
+  """The same NF4 weight with its float scales stored as int8 around their per-layer mean, one float32 step per
+  `group` blocks (see the module doc); the codes are untouched."""
+  if q.kind != "nf4":
+    raise ValueError(f"double quantization applies to NF4 block scales, not {q.kind}")
+  if q.double_quant:
+    return q
+  s = q.scales.astype(jnp.float32)  # [*lead, nb]
+  nb = s.shape[-1]
+  n2 = -(-nb // group)
+  offset = jnp.mean(s, axis=-1)
+  centred = jnp.pad(s - offset[..., None], [(0, 0)] * (s.ndim - 1) + [(0, n2 * group - nb)])
+  centred = centred.reshape(s.shape[:-1] + (n2, group))
+  amax = jnp.max(jnp.abs(centred), axis=-1)
+  step = jnp.where(amax > 0, amax / 127.0, 1.0)
+  codes = jnp.clip(jnp.round(centred / step[..., None]), -127, 127).astype(jnp.int8)
+  codes = codes.reshape(s.shape[:-1] + (n2 * group,))[..., :nb]
+  return QuantizedWeight(q.codes, codes, q.kind, q.inner_shape, q.block, q.orig_dtype, scale2=step, offset=offset)
+
+
+def decode_scales(q: QuantizedWeight, blocks: jax.Array | None = None) -> jax.Array:
+  """float32 NF4 block scales: all of them [*lead, nb], or those at flat block indices `blocks` (any shape; a
+  weight without a lead axis) for decoding some rows or columns alone."""
+  if blocks is None:
+    if not q.double_quant:
+      return q.scales.astype(jnp.float32)
+    group = jnp.arange(q.scales.shape[-1]) // DOUBLE_QUANT_BLOCK
+    return q.scales.astype(jnp.float32) * jnp.take(q.scale2, group, axis=-1) + q.offset[..., None]
+  if q.lead:
+    raise ValueError(f"scales by block index need a weight without a lead axis, got {q}")
+  picked = jnp.take(q.scales.reshape(-1), blocks).astype(jnp.float32)
+  if not q.double_quant:
+    return picked
+  return picked * jnp.take(q.scale2, blocks // DOUBLE_QUANT_BLOCK) + q.offset
+
+
+def dequantize(q: QuantizedWeight, dtype=jnp.float32, levels: jax.Array | None = None) -> jax.Array:
+  """The weight [*lead, *inner_shape] in `dtype` (float32 arithmetic, one cast at the end); `levels` as in
+  nf4_decode."""
   if q.kind == "int8":
     return (q.codes.astype(jnp.float32) * q.scales.astype(jnp.float32)).astype(dtype)
   lead = q.lead
   n = math.prod(q.inner_shape)
-  return _nf4_decode(q.codes, q.scales, q.block)[..., :n].reshape(lead + q.inner_shape).astype(dtype)
-
-
-def _rows_whole_blocks(q: QuantizedWeight) -> bool:
-  """True when each row of a 2-D [R, C] NF4 weight is whole blocks (C % block == 0), so rows and column
-  ranges can be decoded on their own."""
-  return q.kind == "int8" or (len(q.inner_shape) == 2 and not q.lead and q.inner_shape[1] % q.block == 0)
-
-
-def take_rows(q: QuantizedWeight, index: jax.Array) -> jax.Array:
-  """dequantize(q)[index] for a 2-D [R, C] weight (the embedding) without decoding the other rows:
-  [*index.shape, C] in the weight's original dtype."""
-  R, C = q.inner_shape
-  if not _rows_whole_blocks(q):
-    return jnp.take(dequantize(q, q.dtype), index, axis=0)
-  if q.kind == "int8":
-    return (jnp.take(q.codes, index, axis=0).astype(jnp.float32) * q.scales[0].astype(jnp.float32)).astype(q.dtype)
-  codes = jnp.take(q.codes.reshape(R, C // 2), index, axis=0)
-  scales = jnp.take(q.scales.reshape(R, C // q.block), index, axis=0)
-  return _nf4_decode(codes, scales, q.block).astype(q.dtype)
-
-
-def column_slice(q: QuantizedWeight, start, size: int, dtype=jnp.float32) -> jax.Array:
-  """dequantize(q)[:, start:start + size] for a 2-D [R, C] weight (the output head); `start` may be traced.
-  NF4 needs C, start and size to be multiples of the block (see `vocab_chunk`)."""
-  R, C = q.inner_shape
-  if q.kind == "int8":
-    codes = jax.lax.dynamic_slice_in_dim(q.codes, start, size, axis=1)
-    scales = jax.lax.dynamic_slice_in_dim(q.scales, start, size, axis=1)
-    return (codes.astype(jnp.float32) * scales.astype(jnp.float32)).astype(dtype)
-  codes = jax.lax.dynamic_slice_in_dim(q.codes.reshape(R, C // 2), start // 2, size // 2, axis=1)
-  scales = jax.lax.dynamic_slice_in_dim(q.scales.reshape(R, C // q.block), start // q.block, size // q.block, axis=1)
-  return _nf4_decode(codes, scales, q.block).astype(dtype)
-
-
-def vocab_chunk(q: QuantizedWeight, max_chunk: int = 4096) -> int | None:
-  """Columns per chunk for `quantized_head_cross_entropy`: whole NF4 blocks, at most max_chunk (None when the
-  columns are not whole blocks, e.g. a vocabulary that is not a multiple of the block)."""
-  if len(q.inner_shape) != 2 or q.lead:
-    return None
-  C = q.inner_shape[1]
-  unit = 1 if q.kind == "int8" else q.block
-  if C % unit:
-    return None
-  return min(C, max(unit, max_chunk // unit * unit))
-
-
-def quantized_head_cross_entropy(x: jax.Array, q: QuantizedWeight, targets: jax.Array, *,
-                                 max_chunk: int = 4096) -> jax.Array:
-  """Per-token cross-entropy float32 [B, T] of the logits x @ dequantize(q) against targets [B, T], for a frozen
-  quantized output head [E, V]: the head is decoded one vocabulary chunk at a time inside a rematerialized scan
-  (an online log-sum-exp), so neither the dequantized head nor the [B, T, V] logits ever exist; memory is
-  O(B * T * chunk + E * chunk). The last chunk is shifted back to end at V and its columns already seen are
-  masked. Gradients flow to x only (the head is frozen)."""
-  B, T, E = x.shape
-  chunk = vocab_chunk(q, max_chunk)
-  if chunk is None:
-    raise ValueError(f"head {q} cannot be split into whole blocks; dequantize it instead")
-  V = q.inner_shape[1]
-  n = -(-V // chunk)
-  x2 = x.reshape(B * T, E)
-  t2 = targets.reshape(B * T)
-
-  @jax.checkpoint
-  def body(carry, i):
-    peak, total, target_logit = carry
-    first = i * chunk                      # the first column this chunk is responsible for
-    start = jnp.minimum(first, V - chunk)  # where it reads from (shifted back for the last chunk)
-    logits = jnp.dot(x2, column_slice(q, start, chunk, x.dtype), preferred_element_type=jnp.float32)
-    logits = jnp.where(start + jnp.arange(chunk) >= first, logits, -jnp.inf)
-    new_peak = jnp.maximum(peak, jax.lax.stop_gradient(jnp.max(logits, axis=-1)))
-    total = total * jnp.exp(peak - new_peak) + jnp.sum(jnp.exp(logits - new_peak[:, None]), axis=-1)
-    inside = (t2 >= first) & (t2 < start + chunk)
-    picked = jnp.take_along_axis(logits, jnp.clip(t2 - start, 0, chunk - 1)[:, None], axis=-1)[:, 0]
-    return (new_peak, total, target_logit + jnp.where(inside, picked, 0.0)), None
-
-  init = (jnp.full((B * T,), -jnp.inf, jnp.float32), jnp.zeros((B * T,), jnp.float32),
-          jnp.zeros((B * T,), jnp.float32))
-  (peak, total, target_logit), _ = jax.lax.scan(body, init, jnp.arange(n))
-  return (jnp.log(total) + peak - target_logit).reshape(B, T)
-
-
-def gather_embedding(params: Params, tokens: jax.Array) -> tuple[Params, jax.Array]:
-  """(params, tokens) for `model.forward` / `hidden_states` when the embedding is quantized: the rows of these
-  tokens are decoded up front and the tokens renumbered to index them (model.py gathers with jnp.take, which a
-  QuantizedWeight cannot serve). Unchanged when the embedding is a plain array."""
-  embed = params["embed"]
-  if not isinstance(embed, QuantizedWeight):
-    return params, tokens
-  rows = take_rows(embed, tokens.reshape(-1))
-  local = jnp.arange(tokens.size, dtype=tokens.dtype).reshape(tokens.shape)
-  return dict(params, embed=rows), local
+  values = nf4_decode(q.codes, decode_scales(q), q.block, levels)
+  return values[..., :n].reshape(lead + q.inner_shape).astype(dtype)
 
 
 def error_bound(w: jax.Array, q: QuantizedWeight) -> jax.Array:
-  """Elementwise worst-case |w - dequantize(q)| from float32 scales (for tests and reports), shaped like w."""
+  """Elementwise worst-case |w - dequantize(q)| from the stored scales (for tests and reports), shaped like w.
+  With double quantization the decoded scale is off by up to half a second-level step (see the module doc)."""
   if q.kind == "int8":
     return jnp.broadcast_to(q.scales.astype(jnp.float32) / 2, w.shape)
   n = math.prod(q.inner_shape)
-  per_block = q.scales.astype(jnp.float32) * NF4_MAX_HALF_GAP
+  per_block = decode_scales(q) * NF4_MAX_HALF_GAP
+  if q.double_quant:
+    half_step = jnp.take(q.scale2, jnp.arange(q.scales.shape[-1]) // DOUBLE_QUANT_BLOCK, axis=-1) / 2
+    per_block = (decode_scales(q) + half_step) * NF4_MAX_HALF_GAP + half_step
   per_elem = jnp.repeat(per_block, q.block, axis=-1)[..., :n]
   return per_elem.reshape(w.shape)
 
@@ -275,9 +255,12 @@ def _row_groups(shape: tuple[int, ...], kind: str, block: int, max_elems: int = 
   return 1
 
 
-def _quantize_one(make, shape, kind, n_lead, n_in, block, scale_dtype) -> QuantizedWeight:
+def _quantize_one(make, shape, kind, n_lead, n_in, block, scale_dtype, double_quant=False) -> QuantizedWeight:
   """quantize(make(index)) one layer (n_lead=1) or one row group (2-D NF4) at a time under lax.map, so only one
-  slice of the float weight exists at once; `make(i)` returns slice i (a layer, or a group of rows)."""
+  slice of the float weight exists at once; `make(i)` returns slice i (a layer, or a group of rows). The scales
+  are double-quantized afterwards, per layer, over the whole weight (they are 1 / block of its size)."""
+  if double_quant and kind == "nf4":
+    return double_quantize(_quantize_one(make, shape, kind, n_lead, n_in, block, "float32"))
   if n_lead == 1:
     return jax.lax.map(lambda i: quantize(make(i), kind, n_in=n_in, block=block, scale_dtype=scale_dtype),
                        jnp.arange(shape[0]))
@@ -297,13 +280,14 @@ def _resolve(targets: Sequence[str]) -> list[str]:
 
 
 def quantize_params(params: Params, kind: str = "nf4", *, targets: Sequence[str] = DEFAULT_QUANT_TARGETS,
-                    block: int = 64, scale_dtype: str = "float32") -> Params:
+                    block: int = 64, scale_dtype: str = "float32", double_quant: bool = False) -> Params:
   """A params tree whose targeted weights are QuantizedWeight nodes; the rest are untouched.
 
   Stacked layer weights are quantized one layer at a time (and a 2-D NF4 weight one row group at a time), so
   the float32 working copy is one layer, not the whole stack. Run it under jit (or on sharded params) to
   quantize on device. To never hold the float base at all, build it quantized (`init_quantized_params`) or
-  quantize each weight as it is loaded.
+  quantize each weight as it is loaded. `double_quant` stores NF4 block scales as int8 (QLoRA's double
+  quantization, XTuner's default; ignored for int8).
   """
   _check_kind(kind)
   out = dict(params)
@@ -321,13 +305,13 @@ def quantize_params(params: Params, kind: str = "nf4", *, targets: Sequence[str]
     else:
       make = lambda i, w=w, g=groups: w if i is None else jax.lax.dynamic_slice_in_dim(
           w, i * (w.shape[0] // g), w.shape[0] // g)
-    node[path[-1]] = _quantize_one(make, w.shape, kind, n_lead, n_in, block, scale_dtype)
+    node[path[-1]] = _quantize_one(make, w.shape, kind, n_lead, n_in, block, scale_dtype, double_quant)
   return out
 
 
 def init_quantized_params(config, key: jax.Array, kind: str = "nf4", *,
                           targets: Sequence[str] = DEFAULT_QUANT_TARGETS, block: int = 64,
-                          scale_dtype: str = "float32") -> Params:
+                          scale_dtype: str = "float32", double_quant: bool = False) -> Params:
   """Random params like `model.init_params` (N(0, initializer_range), ones for norms) with the targeted weights
   born quantized: each is generated and quantized one layer (or row group) at a time inside one jit, so the
   float weights never exist whole. For benchmarks and tests of QLoRA memory at sizes where the float base
@@ -357,7 +341,8 @@ def init_quantized_params(config, key: jax.Array, kind: str = "nf4", *,
           rows = spec.shape[0] // groups
           make = lambda i, k=k, s=spec.shape, r=rows: normal(k if i is None else jax.random.fold_in(k, i),
                                                              s if i is None else (r,) + s[1:])
-        out.append(_quantize_one(make, spec.shape, kind, n_lead, chosen[path], block, scale_dtype))
+        out.append(_quantize_one(make, spec.shape, kind, n_lead, chosen[path], block, scale_dtype,
+                                 double_quant))
     return jax.tree.unflatten(treedef, out)
 
   return jax.jit(make_all)(key)
@@ -372,3 +357,15 @@ def dequantize_params(params: Params, dtype=None) -> Params:
 def params_nbytes(params: Params) -> int:
   """Bytes held by a (possibly quantized) params tree."""
   return sum(int(x.size * x.dtype.itemsize) for x in jax.tree.leaves(params))
+
+
+_OPS = ("take_rows", "gather_embedding", "column_slice", "vocab_chunk", "quantized_head_cross_entropy",
+        "quantized_einsum")
+
+
+def __getattr__(name):
+  # The computing helpers moved to quant_nf4_ops (which imports this module); old imports keep working.
+  if name in _OPS:
+    from internlm_jax import quant_nf4_ops  # noqa: PLC0415
+    return getattr(quant_nf4_ops, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
