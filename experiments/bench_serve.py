@@ -5,8 +5,9 @@ bandwidth and two peers, and continuous vs static batching under Poisson load.
 
 One run measures: (a) our Engine's decode tokens/s at batch 1 and 32 (greedy, after the prompt), with
 memory-bandwidth utilisation against the bandwidth a jitted matvec over a weight-sized array reaches (the read
-pattern of a batch-1 decode step); float32 and int8 weights. (b) transformers' LlamaForCausalLM.generate on the
-same weights (PyTorch CPU), same prompts and lengths. (c) the Scheduler in-process under Poisson arrivals of
+pattern of a batch-1 decode step); float32 and int8 weights (int8: the native FFI kernel when it builds, see
+native/qmatmul.py; INTERNLM_JAX_NATIVE=0 times the pure-JAX path). (b) transformers' LlamaForCausalLM.generate
+on the same weights (PyTorch CPU), same prompts and lengths. (c) the Scheduler in-process under Poisson arrivals of
 requests with a ShareGPT-like (log-normal) spread of prompt and output lengths, against static batching (batches
 formed from what is waiting, run until their longest member ends) on the same engine and trace. (d) llama.cpp
 (llama-cpp-python) decoding the same weights exported to GGUF (f32 and q8_0) at batch 1. Peers that are not
@@ -250,6 +251,7 @@ TABLE = [("bandwidth (best of matvec/sum)", "bandwidth_gbps", " GB/s"),
          ("ours batch 1", "decode_tokens_per_sec_batch1", " tok/s"), ("  MBU batch 1", "mbu_batch1", ""),
          ("ours batch 1 int8", "decode_tokens_per_sec_batch1_int8", " tok/s"),
          ("ours batch 32", "decode_tokens_per_sec_batch32", " tok/s"),
+         ("ours batch 32 int8", "decode_tokens_per_sec_batch32_int8", " tok/s"),
          ("transformers batch 1", "transformers_tokens_per_sec_batch1", " tok/s"),
          ("transformers batch 32", "transformers_tokens_per_sec_batch32", " tok/s"),
          ("llama.cpp f32 batch 1", "llamacpp_tokens_per_sec_batch1_f32", " tok/s"),
@@ -257,6 +259,7 @@ TABLE = [("bandwidth (best of matvec/sum)", "bandwidth_gbps", " GB/s"),
          ("ours / llama.cpp f32, b1", "vs_llamacpp_batch1", "x"),
          ("ours int8 / llama.cpp q8_0, b1", "vs_llamacpp_batch1_int8_vs_q8_0", "x"),
          ("ours / transformers, b32", "speedup_vs_transformers_batch32", "x"),
+         ("ours int8 / transformers f32, b32", "speedup_vs_transformers_batch32_int8", "x"),
          ("continuous / static", "continuous_vs_static", "x output tok/s at the top rate")]
 
 
@@ -266,6 +269,8 @@ def main(argv):
   import numpy as np
   from internlm_jax import quant
   from internlm_jax.model import init_params
+  from internlm_jax.native import qmatmul
+  from internlm_jax.serve import paged_model
   config = bench_config()
   params = init_params(config, jax.random.key(SEED.value))
   rng = np.random.default_rng(SEED.value)
@@ -274,7 +279,8 @@ def main(argv):
   res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores",
          "params": config.num_params(), "prompt_len": P, "new_tokens": N, "steps_per_call": S}
   for key in ("transformers_tokens_per_sec_batch1", "transformers_tokens_per_sec_batch32",
-              "speedup_vs_transformers_batch32", "llamacpp_tokens_per_sec_batch1_f32",
+              "speedup_vs_transformers_batch32", "speedup_vs_transformers_batch32_int8",
+              "llamacpp_tokens_per_sec_batch1_f32",
               "llamacpp_tokens_per_sec_batch1_q8_0", "vs_llamacpp_batch1", "vs_llamacpp_batch1_int8_vs_q8_0",
               "continuous_vs_static"):
     res[key] = None
@@ -290,9 +296,12 @@ def main(argv):
   tps32, _, _ = bench_engine(config, params, prompts, N, S)
   q8 = quant.quantize_params(params, "int8")
   tps1_q8, _, _ = bench_engine(config, q8, prompts[:1], N, S)
+  tps32_q8, _, _ = bench_engine(config, q8, prompts, N, S)
   peak = max(bw.values()) * 1e9
   res.update(bandwidth_gbps=peak / 1e9, bandwidth_detail=bw, decode_tokens_per_sec_batch1=tps1,
              decode_tokens_per_sec_batch32=tps32, decode_tokens_per_sec_batch1_int8=tps1_q8,
+             decode_tokens_per_sec_batch32_int8=tps32_q8, native_int8=paged_model.native_int8(q8, config),
+             native_vnni_min_rows=qmatmul.vnni_min_rows(),
              mbu_batch1=decode_bytes(config, params, 1, P + N // 2) * tps1 / peak,
              mbu_batch1_int8=decode_bytes(config, q8, 1, P + N // 2) * tps1_q8 / peak,
              mbu_batch32=decode_bytes(config, params, 32, P + N // 2) * tps32 / 32 / peak)
@@ -307,7 +316,7 @@ def main(argv):
     (t1, th1), (t32, th32) = bench_transformers(model, prompts[:1], N), bench_transformers(model, prompts, N)
     res.update(transformers_tokens_per_sec_batch1=t1, transformers_tokens_per_sec_batch32=t32,
                transformers_threads=[th1, th32], speedup_vs_transformers_batch1=tps1 / t1,
-               speedup_vs_transformers_batch32=tps32 / t32,
+               speedup_vs_transformers_batch32=tps32 / t32, speedup_vs_transformers_batch32_int8=tps32_q8 / t32,
                transformers_logits_rel_err=float(np.abs(theirs - ours_logits).max() / np.abs(theirs).max()))
     del model
     save("transformers")

@@ -25,7 +25,7 @@ from internlm_jax.native import build
 _TARGET = "internlm_jax_qmatmul_i8"
 # Rows of x from which the VNNI kernel runs (measured on a 2-core Sapphire Rapids, 768x2048 weights: the exact
 # kernel is bandwidth bound up to a few rows, VNNI wins from about 4). Override: INTERNLM_JAX_NATIVE_VNNI_MIN_ROWS.
-VNNI_MIN_ROWS = 4
+VNNI_MIN_ROWS = 1
 _state: dict[str, object] = {}
 
 
