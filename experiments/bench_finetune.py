@@ -8,9 +8,13 @@ state, batch) + temporaries (activations, gradients, per-layer merged or dequant
 aliased to donated inputs; it is what the step needs resident, independent of allocator behaviour. Per method:
   full   float32 master weights + AdamW moments, the pretraining step (train.step.make_train_step)
   lora   frozen base in --base_dtype (bfloat16), float32 adapters + moments (train.finetune_step)
-  qlora  frozen base NF4 (block 64, float32 scales), born quantized layer by layer (quant_nf4.init_quantized_params:
-         the float base never exists); by default the embedding and output head too (--qlora_targets), which the
-         loss reads row by row and one vocabulary chunk at a time (train.finetune_step.base_cross_entropy_sums)
+  qlora  frozen base NF4 (block 64), scales double-quantized to int8 (--double_quant, XTuner's default), born
+         quantized layer by layer (quant_nf4.init_quantized_params: the float base never exists); by default the
+         embedding and output head too (--qlora_targets), which the loss reads row by row and one vocabulary chunk
+         at a time (train.finetune_step.base_cross_entropy_sums). --qlora_ranks adds runs at other ranks
+         (qlora_r16 ...): XTuner's r64 on a 7B model (hidden 4096) is r16 here by adapter share r / hidden.
+Attention is --attention_impl with --attention_block_size for every method (default blockwise, 128: memory O(T),
+as the flash / SDPA attention XTuner runs with; "xla" materializes [B, H, T, T] scores).
 Bytes per parameter divide by the base model's parameter count. Times are medians of --steps steps after two
 warm-up steps; `base_fwd_bwd` is the forward + backward (all weight gradients, no optimizer) of the lora base, the
 bar the issue sets for a LoRA step (lora_step_vs_base <= 1.1).
@@ -38,6 +42,10 @@ TARGETS = flags.DEFINE_list("targets", ["wqkv", "wo", "w1", "w2", "w3"], "LoRA t
 QLORA_TARGETS = flags.DEFINE_list("qlora_targets", ["embed", "wqkv", "wo", "w1", "w2", "w3", "output"],
                                   "QLoRA: weights stored as NF4 (the embedding and head are 57% of bench-300m)")
 METHODS = flags.DEFINE_list("methods", ["full", "lora", "qlora"], "methods to measure")
+DOUBLE_QUANT = flags.DEFINE_bool("double_quant", True, "QLoRA: int8 NF4 scales with a float32 step per 256 blocks")
+QLORA_RANKS = flags.DEFINE_list("qlora_ranks", ["16"], "QLoRA: extra ranks measured besides --rank (as qlora_rN)")
+ATTENTION = flags.DEFINE_string("attention_impl", "blockwise", "attention for every method (model.attention_impl)")
+ATTENTION_BLOCK = flags.DEFINE_integer("attention_block_size", 128, "kv block of blockwise attention")
 
 
 def _config():
@@ -49,7 +57,8 @@ def _config():
     config = get_preset(PRESET.value)
   import jax
   dtype = DTYPE.value or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  return config.replace(dtype=dtype, remat_policy=REMAT.value)
+  return config.replace(dtype=dtype, remat_policy=REMAT.value, attention_impl=ATTENTION.value,
+                        attention_block_size=ATTENTION_BLOCK.value)
 
 
 def _batch(config):
@@ -76,7 +85,7 @@ def _median_seconds(call, steps: int) -> float:
   return median_seconds(lambda: jax.block_until_ready(call()), steps, warmup=2)
 
 
-def measure(method: str, config, batch) -> dict:
+def measure(method: str, config, batch, rank: int) -> dict:
   import jax
   import jax.numpy as jnp
   from internlm_jax.lora import LoraConfig, init_lora
@@ -104,10 +113,11 @@ def measure(method: str, config, batch) -> dict:
 
   base_config = config.replace(param_dtype=BASE_DTYPE.value)
   if method == "qlora":
-    base = init_quantized_params(base_config, key, "nf4", targets=QLORA_TARGETS.value)
+    base = init_quantized_params(base_config, key, "nf4", targets=QLORA_TARGETS.value,
+                                 double_quant=DOUBLE_QUANT.value)
   else:
     base = init_params(base_config, key)
-  lcfg = LoraConfig(rank=RANK.value, alpha=16.0, targets=tuple(TARGETS.value))
+  lcfg = LoraConfig(rank=rank, alpha=16.0, targets=tuple(TARGETS.value))
   adapters = init_lora(base_config, lcfg, jax.random.key(1))
   state = finetune_step.create_adapter_state(adapters, tx)
   step = finetune_step.make_finetune_step(base_config, lcfg, tx)
@@ -133,11 +143,15 @@ def main(argv):
   config = _config()
   batch = _batch(config)
   n = config.num_params()
-  results = {m: measure(m, config, batch) for m in METHODS.value}
+  runs = [(m, m, RANK.value) for m in METHODS.value]
+  if "qlora" in METHODS.value:
+    runs += [(f"qlora_r{r}", "qlora", int(r)) for r in QLORA_RANKS.value if int(r) != RANK.value]
+  results = {name: dict(measure(m, config, batch, rank), rank=rank) for name, m, rank in runs}
   out = {"machine": jax.devices()[0].device_kind, "backend": jax.default_backend(), "preset": PRESET.value,
          "params": n, "seq_len": SEQ.value, "batch": BATCH.value, "dtype": config.dtype,
          "base_dtype": BASE_DTYPE.value, "remat_policy": REMAT.value, "rank": RANK.value,
-         "targets": TARGETS.value, "qlora_targets": QLORA_TARGETS.value, "methods": results}
+         "targets": TARGETS.value, "qlora_targets": QLORA_TARGETS.value, "double_quant": DOUBLE_QUANT.value,
+         "attention_impl": ATTENTION.value, "attention_block_size": ATTENTION_BLOCK.value, "methods": results}
   for m, r in results.items():
     out[f"{m}_bytes_per_param"] = r["memory"]["peak"] / n
     out[f"{m}_step_seconds"] = r["step_seconds"]
@@ -146,18 +160,22 @@ def main(argv):
     out["lora_step_vs_base"] = results["lora"]["step_seconds"] / results["lora"]["base_fwd_bwd_seconds"]
   ref = results.get("full")
   print(f"\n{PRESET.value} ({n / 1e6:.1f}M params), batch {BATCH.value} x seq {SEQ.value}, {config.dtype} compute, "
-        f"remat {REMAT.value}, {out['machine']}")
-  print(f"  {'method':<8}{'peak MiB':>10}{'B/param':>9}{'args MiB':>10}{'temp MiB':>10}{'step s':>9}"
+        f"remat {REMAT.value}, attention {ATTENTION.value}/{ATTENTION_BLOCK.value}, {out['machine']}")
+  print(f"  {'method':<10}{'peak MiB':>10}{'B/param':>9}{'args MiB':>10}{'temp MiB':>10}{'step s':>9}"
         f"{'mem vs full':>12}{'time vs full':>13}{'trainable':>12}")
   for m, r in results.items():
     mem, t = r["memory"], r["step_seconds"]
     rel_mem = f"{mem['peak'] / ref['memory']['peak']:.2f}x" if ref else "-"
     rel_t = f"{t / ref['step_seconds']:.2f}x" if ref else "-"
-    print(f"  {m:<8}{mem['peak'] / 2**20:>10.1f}{mem['peak'] / n:>9.2f}{mem['argument'] / 2**20:>10.1f}"
+    print(f"  {m:<10}{mem['peak'] / 2**20:>10.1f}{mem['peak'] / n:>9.2f}{mem['argument'] / 2**20:>10.1f}"
           f"{mem['temp'] / 2**20:>10.1f}{t:>9.3f}{rel_mem:>12}{rel_t:>13}{r['trainable']:>12,}")
   if "lora_step_vs_base" in out:
     print(f"  LoRA step / base forward+backward: {out['lora_step_vs_base']:.2f}x "
           f"({out['base_fwd_bwd_seconds']:.3f} s)")
+  for m, r in results.items():
+    if m.startswith("qlora"):
+      verdict = "meets" if r["memory"]["peak"] / n <= 1.1 else "misses"
+      print(f"  {m} (rank {r['rank']}): {r['memory']['peak'] / n:.3f} bytes/param, {verdict} the <= 1.1 target")
   if OUT.value:
     with open(OUT.value, "w") as f:
       json.dump(out, f, indent=2)

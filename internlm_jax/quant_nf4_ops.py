@@ -29,6 +29,7 @@ import numpy as np
 from internlm_jax.quant_nf4 import NF4_LEVELS, QuantizedWeight, decode_scales, dequantize, nf4_decode
 
 Params = dict[str, Any]
+DECODE_GROUP_ELEMS = 1 << 20  # float elements of one row group decoded at a time in a projection's backward (4 MiB)
 
 
 def _zero_cotangent(q: QuantizedWeight) -> QuantizedWeight:
@@ -61,6 +62,38 @@ def _transposed_spec(spec: str) -> str:
   return f"{out},{w_spec}->{x_spec}"
 
 
+def _n_in(spec: str) -> int | None:
+  """Input dims of the weight when spec is a projection 'batch + in, in + out -> batch + out' (every einsum of
+  model.py), else None."""
+  ins, out = spec.split("->")
+  x_spec, w_spec = ins.split(",")
+  n_in = sum(c in x_spec for c in w_spec)
+  if not n_in or not x_spec.endswith(w_spec[:n_in]) or out != x_spec[:len(x_spec) - n_in] + w_spec[n_in:]:
+    return None
+  return n_in
+
+
+def _row_groups(q: QuantizedWeight, n_in: int, max_elems: int | None = None) -> int:
+  """How many groups of input rows the backward decodes W [I, O] in, one at a time: each group whole NF4 blocks
+  and at most max_elems (default DECODE_GROUP_ELEMS) elements when possible (1: decode it whole)."""
+  max_elems = max_elems or DECODE_GROUP_ELEMS
+  if q.kind != "nf4" or q.lead:
+    return 1
+  I, O = math.prod(q.inner_shape[:n_in]), math.prod(q.inner_shape[n_in:])
+  for k in range(max(1, -(-I * O // max_elems)), I + 1):
+    if I % k == 0 and (I // k * O) % q.block == 0:
+      return k
+  return 1
+
+
+def _decode_rows(q: QuantizedWeight, index, rows: int, O: int, dtype, levels) -> jax.Array:
+  """Rows [index * rows, (index + 1) * rows) of W viewed [I, O], as [rows, O] in dtype (whole blocks)."""
+  n = rows * O
+  codes = jax.lax.dynamic_slice_in_dim(q.codes, index * (n // 2), n // 2)
+  blocks = index * (n // q.block) + jnp.arange(n // q.block)
+  return nf4_decode(codes, decode_scales(q, blocks), q.block, levels).reshape(rows, O).astype(dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def quantized_einsum(spec: str, x: jax.Array, q: QuantizedWeight, dtype) -> jax.Array:
   """einsum(spec, x, dequantize(q, dtype)) for one projection; the backward re-decodes q (see module doc)."""
@@ -72,9 +105,20 @@ def _einsum_fwd(spec, x, q, dtype):
 
 
 def _einsum_bwd(spec, dtype, residuals, g):
+  """dx = g W^T. A large W is decoded a group of input rows at a time (dx's columns for those rows), so the
+  backward of w1 and w3, whose cotangents arrive together, never holds two whole float weights."""
   q, x_dtype = residuals
   late, levels = _decode_after(q, g)
-  dx = jnp.einsum(_transposed_spec(spec), g, dequantize(late, dtype, levels))
+  n_in = _n_in(spec)
+  k = 1 if n_in is None else _row_groups(q, n_in)
+  if k == 1:
+    dx = jnp.einsum(_transposed_spec(spec), g, dequantize(late, dtype, levels))
+    return dx.astype(x_dtype.dtype), _zero_cotangent(q)
+  I, O = math.prod(q.inner_shape[:n_in]), math.prod(q.inner_shape[n_in:])
+  batch = g.shape[:g.ndim - (len(q.inner_shape) - n_in)]
+  g2 = g.reshape(-1, O)
+  parts = jax.lax.map(lambda j: jnp.dot(g2, _decode_rows(late, j, I // k, O, dtype, levels).T), jnp.arange(k))
+  dx = jnp.moveaxis(parts, 0, 1).reshape(batch + q.inner_shape[:n_in])
   return dx.astype(x_dtype.dtype), _zero_cotangent(q)
 
 
