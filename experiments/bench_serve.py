@@ -2,6 +2,7 @@
 bandwidth and two peers, and continuous vs static batching under Poisson load.
 
   python experiments/bench_serve.py --out=/tmp/bench_serve.json [--requests=200 --rates=auto --sections=decode,load]
+  python experiments/bench_serve.py --sections=load --rates=2,4 --out=a.json; ... --rates=6,inf --merge_load=a.json
 
 One run measures: (a) our Engine's decode tokens/s at batch 1 and 32 (greedy, after the prompt), with
 memory-bandwidth utilisation against the bandwidth a jitted matvec over a weight-sized array reaches (the read
@@ -9,16 +10,15 @@ pattern of a batch-1 decode step); float32 and int8 weights (int8: the native FF
 native/qmatmul.py; INTERNLM_JAX_NATIVE=0 times the pure-JAX path). (b) transformers' LlamaForCausalLM.generate
 on the same weights (PyTorch CPU), same prompts and lengths. (c) the Scheduler in-process under Poisson arrivals of
 requests with a ShareGPT-like (log-normal) spread of prompt and output lengths, against static batching (batches
-formed from what is waiting, run until their longest member ends) on the same engine and trace. (d) llama.cpp
+formed from what is waiting, run until their longest member ends) on the same engine and trace; the ratio is
+throughput at a p99 TTFT objective (internlm_jax/serve/bench_load.py says how). (d) llama.cpp
 (llama-cpp-python) decoding the same weights exported to GGUF (f32 and q8_0) at batch 1. Peers that are not
 installed leave their keys null. Prints a ratio table and writes JSON.
 """
-import collections
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,9 +30,13 @@ PROMPT = flags.DEFINE_integer("prompt_len", 32, "prompt tokens for the decode be
 NEW = flags.DEFINE_integer("new_tokens", 64, "decoded tokens per sequence for the decode benchmarks")
 STEPS = flags.DEFINE_integer("steps_per_call", 8, "engine decode steps per host round trip")
 REQUESTS = flags.DEFINE_integer("requests", 200, "requests per load run")
-RATES = flags.DEFINE_string("rates", "auto", "arrival rates (req/s), comma separated; auto: 0.5, 1 and 2 times "
-                            "the capacity estimated from the trace's prefill time and batch-32 decode")
-SLOTS = flags.DEFINE_integer("slots", 32, "engine slots for the load runs")
+RATES = flags.DEFINE_string("rates", "auto", "arrival rates (req/s, inf: all at once), comma separated; auto: 0.5, "
+                            "1 and 2 times the capacity of static batching (one full batch of the trace, timed)")
+SLOTS = flags.DEFINE_integer("slots", 32, "engine slots (the max batch of both systems) for the load runs")
+SLO = flags.DEFINE_float("slo_ttft_p99_s", 20.0, "load: the p99 time-to-first-token objective of continuous_vs_static")
+STATIC_WAIT = flags.DEFINE_float("static_wait_s", 0.0, "load: how long static batching waits for a batch to fill")
+MERGE = flags.DEFINE_list("merge_load", [], "load: JSON outputs of earlier runs (same seed and requests) whose rates "
+                          "join this run's before the ratio is computed")
 TORCH = flags.DEFINE_bool("torch", True, "time transformers generate")
 LLAMACPP = flags.DEFINE_bool("llamacpp", True, "time llama.cpp (if llama_cpp is installed)")
 SEED = flags.DEFINE_integer("seed", 0, "weights, prompts and arrival trace")
@@ -112,140 +116,6 @@ def bench_engine(config, params, prompts, new_tokens, steps):
 
 
 # ---- (b) transformers ---------------------------------------------------------------------------------------
-# ---- (c) load: continuous vs static batching ----------------------------------------------------------------
-def sharegpt_like(n, rng, vocab):
-  """(prompt ids, output length) pairs: log-normal lengths like ShareGPT's, scaled down for a 2-core CPU."""
-  prompts = rng.lognormal(4.0, 0.8, n).clip(8, 192).astype(int)  # median ~55 tokens
-  outputs = rng.lognormal(3.5, 0.8, n).clip(4, 128).astype(int)  # median ~33 tokens
-  return [(rng.integers(3, vocab, p).tolist(), int(o)) for p, o in zip(prompts, outputs)]
-
-
-def _summary(work, arrivals, first, done, timings=None):
-  makespan = max(done.values())
-  ttft = sorted(first[i] - arrivals[i] for i in range(len(work)))
-  latency = sorted(done[i] - arrivals[i] for i in range(len(work)))
-  pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]
-  out = {"requests_per_sec": len(work) / makespan, "output_tokens_per_sec": sum(o for _, o in work) / makespan,
-         "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "latency_p50_s": pct(latency, 0.5),
-         "latency_p99_s": pct(latency, 0.99), "makespan_s": makespan}
-  if timings:
-    out["timings"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}
-  return out
-
-
-def run_static(engine, work, arrivals, steps):
-  from internlm_jax.serve.sampling import SamplingParams
-  state, B = engine.init_state(), engine.ec.max_slots
-  first, done, waiting, nxt = {}, {}, collections.deque(), 0
-  timings = collections.Counter()
-  start = time.perf_counter()
-  while len(done) < len(work):
-    now = time.perf_counter() - start
-    while nxt < len(work) and arrivals[nxt] <= now:
-      waiting.append(nxt)
-      nxt += 1
-    if not waiting:
-      time.sleep(max(0.0, arrivals[nxt] - now))
-      continue
-    batch = [waiting.popleft() for _ in range(min(B, len(waiting)))]
-    left = {}
-    t0 = time.perf_counter()
-    for slot, r in enumerate(batch):
-      state, prefix = engine.prefill(state, work[r][0])
-      params = SamplingParams(max_tokens=work[r][1], temperature=0.0, ignore_eos=True)
-      state = engine.insert(prefix, state, slot, params, [], seed=r)
-      left[slot] = work[r][1]
-    timings["admit_s"] += time.perf_counter() - t0
-    timings["batches"] += 1
-    while any(left.values()):  # the batch runs until its longest request ends; finished slots idle
-      for slot, n in left.items():
-        if n:
-          engine.reserve(slot, min(steps, n))
-      t0 = time.perf_counter()
-      state, result = engine.generate(state)
-      timings["generate_s"] += time.perf_counter() - t0
-      timings["generate_calls"] += 1
-      timings["slot_steps_used"] += int(result.valid.sum())
-      timings["slot_steps"] += result.valid.size
-      now = time.perf_counter() - start
-      for slot, r in enumerate(batch):
-        got = int(result.valid[:, slot].sum())
-        if got:
-          first.setdefault(r, now)
-          left[slot] -= got
-          if not left[slot]:
-            done[r] = now
-    for slot in range(len(batch)):
-      state = engine.free(state, slot)
-  return _summary(work, arrivals, first, done, timings)
-
-
-def run_continuous(engine, tokenizer, work, arrivals):
-  from internlm_jax.serve.sampling import SamplingParams
-  from internlm_jax.serve.scheduler import Finished, Scheduler
-  sched = Scheduler(engine, tokenizer, max_queue=len(work)).start()
-  first, done, lock, finished = {}, {}, threading.Lock(), threading.Event()
-  start = time.perf_counter()
-
-  def sink(r):
-    def receive(event):
-      now = time.perf_counter() - start
-      with lock:
-        first.setdefault(r, now)
-        if isinstance(event, Finished):
-          done[r] = now
-          if len(done) == len(work):
-            finished.set()
-    return receive
-
-  for r, (prompt, out) in enumerate(work):
-    time.sleep(max(0.0, arrivals[r] - (time.perf_counter() - start)))
-    sched.submit(prompt, SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True), sink=sink(r))
-  finished.wait(timeout=1800)
-  sched.stop()
-  assert len(done) == len(work), "the continuous run did not finish"
-  return _summary(work, arrivals, first, done, sched.timings)
-
-
-def load_engine(config, params, work, slots, steps):
-  """The load runs' engine, with every prefill shape the trace needs and the decode step compiled -> (engine,
-  mean seconds to prefill one request of the trace)."""
-  from internlm_jax.serve.engine import Engine, EngineConfig, prefill_bucket
-  # Prefix caching off: every run replays the same prompts, which a warm cache would serve for free.
-  ec = EngineConfig(max_slots=slots, max_seq_len=320, page_size=16, prefill_chunk=256, steps_per_call=steps,
-                    prefix_caching=False)
-  engine = Engine(params, config, ec)
-  state, seconds = engine.init_state(), {}
-  for C in sorted({prefill_bucket(len(p), ec.prefill_chunk) for p, _ in work}):
-    for _ in range(2):  # the second call is timed
-      t0 = time.perf_counter()
-      state, prefix = engine.prefill(state, list(range(3, 3 + C)))
-      prefix.logits.block_until_ready()
-      seconds[C] = time.perf_counter() - t0
-      engine.release(prefix)
-  run_static(engine, work[:2], [0.0, 0.0], steps)
-  return engine, sum(seconds[prefill_bucket(len(p), ec.prefill_chunk)] for p, _ in work) / len(work)
-
-
-def bench_load(engine, work, rates, steps, rng):
-  import numpy as np
-  from internlm_jax.serve.testing import tiny_tokenizer
-  n = len(work)
-  tokenizer = tiny_tokenizer(tempfile.mkdtemp())  # output ids past its vocabulary decode to nothing
-  runs = []
-  for rate in rates:
-    gaps = rng.exponential(1.0 / rate, n) if rate != float("inf") else np.zeros(n)
-    arrivals = np.cumsum(gaps) - gaps[0]
-    static = run_static(engine, work, arrivals, steps)
-    continuous = run_continuous(engine, tokenizer, work, arrivals)
-    runs.append({"rate": rate, "static": static, "continuous": continuous})
-    for name, r in (("continuous", continuous), ("static", static)):
-      print(f"  load {rate:.2f} req/s {name:>10}: {r['requests_per_sec']:.2f} req/s, {r['output_tokens_per_sec']:.1f} "
-            f"out tok/s, TTFT p50/p99 {r['ttft_p50_s']:.2f}/{r['ttft_p99_s']:.2f} s, latency p50 "
-            f"{r['latency_p50_s']:.2f} s; {r.get('timings')}", flush=True)
-  return runs
-
-
 # ---- main ---------------------------------------------------------------------------------------------------
 TABLE = [("bandwidth (best of matvec/sum)", "bandwidth_gbps", " GB/s"),
          ("ours batch 1", "decode_tokens_per_sec_batch1", " tok/s"), ("  MBU batch 1", "mbu_batch1", ""),
@@ -260,7 +130,8 @@ TABLE = [("bandwidth (best of matvec/sum)", "bandwidth_gbps", " GB/s"),
          ("ours int8 / llama.cpp q8_0, b1", "vs_llamacpp_batch1_int8_vs_q8_0", "x"),
          ("ours / transformers, b32", "speedup_vs_transformers_batch32", "x"),
          ("ours int8 / transformers f32, b32", "speedup_vs_transformers_batch32_int8", "x"),
-         ("continuous / static", "continuous_vs_static", "x output tok/s at the top rate")]
+         ("continuous / static at the SLO", "continuous_vs_static", "x output tok/s"),
+         ("continuous / static saturated", "continuous_vs_static_saturated", "x output tok/s")]
 
 
 def main(argv):
@@ -282,7 +153,7 @@ def main(argv):
               "speedup_vs_transformers_batch32", "speedup_vs_transformers_batch32_int8",
               "llamacpp_tokens_per_sec_batch1_f32",
               "llamacpp_tokens_per_sec_batch1_q8_0", "vs_llamacpp_batch1", "vs_llamacpp_batch1_int8_vs_q8_0",
-              "continuous_vs_static"):
+              "continuous_vs_static", "continuous_vs_static_saturated"):
     res[key] = None
 
   def save(section):  # after every section, so a run cut short still leaves its numbers
@@ -291,6 +162,8 @@ def main(argv):
       with open(OUT.value, "w") as f:
         json.dump(res, f, indent=2)
 
+  if "decode" not in SECTIONS.value:
+    return _load_section(config, params, rng, res, save)
   bw = measure_bandwidth(quant.nbytes(params) - quant.nbytes(params["embed"]))
   tps1, ours_tokens, ours_logits = bench_engine(config, params, prompts[:1], N, S)
   tps32, _, _ = bench_engine(config, params, prompts, N, S)
@@ -340,23 +213,32 @@ def main(argv):
 
   if "load" not in SECTIONS.value:
     return _print_table(config, res)
-  work = sharegpt_like(REQUESTS.value, rng, config.vocab_size)
-  mean_out = float(np.mean([o for _, o in work]))
-  engine, prefill_s = load_engine(config, params, work, SLOTS.value, S)
-  # Capacity of full-batch serving: each request costs its prefill (one at a time, compute-bound) plus its share
-  # of batch-32 decode steps. Prefill is most of it here (prompts are ~1.8x the outputs).
-  capacity = 1.0 / (prefill_s + mean_out / tps32)
+  _load_section(config, params, rng, res, save)
+
+
+def _load_section(config, params, rng, res, save):
+  """(c): both batchers at each rate (plus the rates of --merge_load files), then the ratios."""
+  import numpy as np
+  from internlm_jax.serve import bench_load as bl
+  from internlm_jax.serve.testing import tiny_tokenizer
+  work = bl.sharegpt_like(REQUESTS.value, rng, config.vocab_size)
+  engine, capacity = bl.load_engine(config, params, work, SLOTS.value, STEPS.value)
   rates = ([r * capacity for r in (0.5, 1.0, 2.0)] if RATES.value == "auto"
            else [float(r) for r in RATES.value.split(",")])
-  print(f"load: prefill {prefill_s * 1e3:.0f} ms per request, capacity estimate {capacity:.2f} req/s, rates "
-        f"{[round(r, 2) for r in rates]}", flush=True)
-  runs = bench_load(engine, work, rates, S, rng)
-  top = runs[-1]
+  print(f"load: static capacity estimate {capacity:.2f} req/s, rates {[round(r, 2) for r in rates]}", flush=True)
+  tokenizer = tiny_tokenizer(tempfile.mkdtemp())  # output ids past its vocabulary decode to nothing
+  runs = bl.bench_load(engine, tokenizer, work, rates, SEED.value, STATIC_WAIT.value,
+                       log=lambda line: print(line, flush=True))
+  for path in MERGE.value:
+    with open(path) as f:
+      earlier = json.load(f)
+    assert earlier["load_requests"] == len(work), f"{path}: another trace"
+    runs += earlier["load"]
+  runs.sort(key=lambda r: r["rate"])
+  ratios = bl.continuous_vs_static(runs, SLO.value)
   res.update(load_requests=len(work), load_prompt_mean=float(np.mean([len(p) for p, _ in work])),
-             load_output_mean=mean_out, load_prefill_s_per_request=prefill_s, load_capacity_estimate=capacity,
-             load=runs,
-             continuous_vs_static=top["continuous"]["output_tokens_per_sec"] / top["static"]["output_tokens_per_sec"],
-             static_over_continuous_ttft_p50=[r["static"]["ttft_p50_s"] / r["continuous"]["ttft_p50_s"] for r in runs])
+             load_output_mean=float(np.mean([o for _, o in work])), load_slots=SLOTS.value,
+             load_static_wait_s=STATIC_WAIT.value, load_static_capacity_estimate=capacity, load=runs, **ratios)
   save("load")
   _print_table(config, res)
 
@@ -364,7 +246,7 @@ def main(argv):
 def _print_table(config, res):
   print(f"\n125M Llama shape ({config.num_params() / 1e6:.0f}M params), {res['machine']}")
   for name, key, unit in TABLE:
-    print(f"  {name:<32} {'-' if res[key] is None else f'{res[key]:,.2f}{unit}'}")
+    print(f"  {name:<32} {'-' if res.get(key) is None else f'{res[key]:,.2f}{unit}'}")
 
 
 if __name__ == "__main__":
