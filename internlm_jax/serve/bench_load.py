@@ -96,6 +96,7 @@ def run_static(engine: Engine, work, arrivals, wait_s: float = 0.0) -> dict:
       timings["generate_s"] += time.perf_counter() - t0
       timings["generate_calls"] += 1
       timings["slot_steps_used"] += int(result.valid.sum())
+      timings["row_steps"] += result.valid.shape[0] * len(result.rows)
       now = time.perf_counter() - start
       for slot, r in enumerate(batch):
         got = int(result.valid[:, slot].sum())

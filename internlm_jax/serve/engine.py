@@ -96,6 +96,7 @@ class StepResult:
   logprob: np.ndarray  # [n, B]
   top_ids: np.ndarray  # [n, B, N]
   top_logprobs: np.ndarray  # [n, B, N]
+  rows: np.ndarray | None = None  # [b] the slots this call decoded (its bucket)
 
 
 def _next_pow2(n: int) -> int:
@@ -360,7 +361,7 @@ class Engine:
       full.append(y)
     tokens, valid, logprob, top_ids, top_lp = full
     self.allocator.lengths += valid.sum(axis=0).astype(np.int32)
-    return state, StepResult(tokens, valid, logprob, top_ids, top_lp)
+    return state, StepResult(tokens, valid, logprob, top_ids, top_lp, rows)
 
   def _bucket_rows(self, live: np.ndarray) -> np.ndarray:
     """The live slots, padded with idle ones to the bucket size (distinct, so the scatter back is exact)."""

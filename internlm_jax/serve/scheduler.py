@@ -232,6 +232,9 @@ class Scheduler:
           timings["generate_calls"] += 1
           timings["slot_steps_used"] += int(result.valid.sum())
           timings["slot_steps"] += result.valid.size
+          # Row-steps the device computed (the decode bucket): slot_steps_used / row_steps is its utilisation.
+          timings["row_steps"] += result.valid.shape[0] * (len(result.rows) if result.rows is not None else
+                                                           result.valid.shape[1])
         timings["other_s"] += t1 - t0
       except Exception as e:  # a bug must not leave clients hanging: fail what is in flight, keep serving
         log.exception("serving loop error")
