@@ -35,6 +35,8 @@ RATES = flags.DEFINE_string("rates", "auto", "arrival rates (req/s, inf: all at 
 SLOTS = flags.DEFINE_integer("slots", 32, "engine slots (the max batch of both systems) for the load runs")
 SLO = flags.DEFINE_float("slo_ttft_p99_s", 20.0, "load: the p99 time-to-first-token objective of continuous_vs_static")
 STATIC_WAIT = flags.DEFINE_float("static_wait_s", 0.0, "load: how long static batching waits for a batch to fill")
+MIN_BUCKET = flags.DEFINE_integer("min_decode_bucket", 8, "load: the engine's smallest decode bucket (= --slots: "
+                                  "no buckets, every decode call runs all slots)")
 MERGE = flags.DEFINE_list("merge_load", [], "load: JSON outputs of earlier runs (same seed and requests) whose rates "
                           "join this run's before the ratio is computed")
 TORCH = flags.DEFINE_bool("torch", True, "time transformers generate")
@@ -222,7 +224,7 @@ def _load_section(config, params, rng, res, save):
   from internlm_jax.serve import bench_load as bl
   from internlm_jax.serve.testing import tiny_tokenizer
   work = bl.sharegpt_like(REQUESTS.value, rng, config.vocab_size)
-  engine, capacity = bl.load_engine(config, params, work, SLOTS.value, STEPS.value)
+  engine, capacity = bl.load_engine(config, params, work, SLOTS.value, STEPS.value, MIN_BUCKET.value)
   rates = ([r * capacity for r in (0.5, 1.0, 2.0)] if RATES.value == "auto"
            else [float(r) for r in RATES.value.split(",")])
   print(f"load: static capacity estimate {capacity:.2f} req/s, rates {[round(r, 2) for r in rates]}", flush=True)
@@ -238,6 +240,7 @@ def _load_section(config, params, rng, res, save):
   ratios = bl.continuous_vs_static(runs, SLO.value)
   res.update(load_requests=len(work), load_prompt_mean=float(np.mean([len(p) for p, _ in work])),
              load_output_mean=float(np.mean([o for _, o in work])), load_slots=SLOTS.value,
+             load_min_decode_bucket=MIN_BUCKET.value,
              load_static_wait_s=STATIC_WAIT.value, load_static_capacity_estimate=capacity, load=runs, **ratios)
   save("load")
   _print_table(config, res)

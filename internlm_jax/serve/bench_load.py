@@ -137,12 +137,13 @@ def run_continuous(engine: Engine, tokenizer, work, arrivals) -> dict:
   return summary(work, arrivals, first, done, sched.timings)
 
 
-def load_engine(config, params, work, slots: int, steps: int) -> tuple[Engine, float]:
+def load_engine(config, params, work, slots: int, steps: int, min_bucket: int = 8) -> tuple[Engine, float]:
   """The load runs' engine with every prefill shape of the trace and every decode bucket compiled -> (engine,
-  capacity estimate in req/s: one full static batch of the trace's first `slots` requests, all waiting)."""
+  capacity estimate in req/s: one full static batch of the trace's first `slots` requests, all waiting).
+  `min_bucket` = `slots` turns decode buckets off (every call runs all slots)."""
   # Prefix caching off: every run replays the same prompts, which a warm cache would serve for free.
   ec = EngineConfig(max_slots=slots, max_seq_len=320, page_size=16, prefill_chunk=256, steps_per_call=steps,
-                    prefix_caching=False)
+                    prefix_caching=False, min_decode_bucket=min_bucket)
   engine = Engine(params, config, ec)
   state = engine.init_state()
   for C in sorted({prefill_bucket(len(p), ec.prefill_chunk) for p, _ in work}):
