@@ -17,8 +17,9 @@ def run(rate, static, continuous):
 
 
 def test_ratio_is_taken_at_the_slo():
-  runs = [run(1.0, (40, 8), (41, 1)), run(2.0, (70, 15), (80, 2)), run(4.0, (90, 40), (150, 9)),
-          run(8.0, (95, 80), (190, 30))]
+  # At 3 req/s static met the SLO but its trace drew a long tail: its best run (2 req/s) counts.
+  runs = [run(1.0, (40, 8), (41, 1)), run(2.0, (70, 15), (80, 2)), run(3.0, (65, 18), (120, 4)),
+          run(4.0, (90, 40), (150, 9)), run(8.0, (95, 80), (190, 30))]
   out = bl.continuous_vs_static(runs, slo_s=20)
   assert out["continuous_vs_static_by_slo"]["10.0"] == pytest.approx(150 / 40)
   assert out["static_at_slo"]["rate"] == 2.0 and out["continuous_at_slo"]["rate"] == 4.0
