@@ -41,14 +41,15 @@ def _zero_cotangent(q: QuantizedWeight) -> QuantizedWeight:
   return jax.tree.map(zero, q)
 
 
-def _decode_after(q: QuantizedWeight, g: jax.Array) -> tuple[QuantizedWeight, jax.Array]:
-  """(q, NF4 level table) with a data dependency on the cotangent g, so that decoding with them cannot start
-  before g exists, nor be CSE'd with the forward's decode. An optimization_barrier is not enough: XLA:CPU drops
-  barriers before scheduling, and then decoded every weight of a layer at the start of its backward. The tie is
-  g[0] * 0 added to the 16 levels (int8: to the scales): exact for finite g (a non-finite g makes the step's
-  gradients non-finite anyway, and such steps are skipped); XLA does not fold x * 0 for floats. Tying the scales
-  alone is not enough: the level lookup (a gather over every code) was then shared with the forward's decode."""
-  tie = jax.lax.stop_gradient(g.reshape(-1)[0]).astype(jnp.float32) * 0.0
+def _decode_after(q: QuantizedWeight, v: jax.Array) -> tuple[QuantizedWeight, jax.Array]:
+  """(q, NF4 level table) with a data dependency on v (the projection's input in the forward, its cotangent in the
+  backward), so that decoding with them cannot start before v exists, nor be CSE'd with another decode of q.
+  An optimization_barrier is not enough: XLA:CPU drops barriers before scheduling, and then decoded every weight
+  of a layer at the start of the layer (measured: wqkv, wo, w1, w3 at once). The tie is v[0] * 0 added to the
+  16 levels (int8: to the scales): exact for finite v (a non-finite value makes the step non-finite anyway, and
+  such steps are skipped); XLA does not fold x * 0 for floats. Tying the scales alone is not enough: the level
+  lookup (a gather over every code) was then shared between the forward's and the backward's decode."""
+  tie = jax.lax.stop_gradient(v.reshape(-1)[0]).astype(jnp.float32) * 0.0
   if q.kind == "int8":
     q = QuantizedWeight(q.codes, q.scales + tie.astype(q.scales.dtype), q.kind, q.inner_shape, q.block,
                         q.orig_dtype)
@@ -73,15 +74,16 @@ def _n_in(spec: str) -> int | None:
   return n_in
 
 
-def _row_groups(q: QuantizedWeight, n_in: int, max_elems: int | None = None) -> int:
-  """How many groups of input rows the backward decodes W [I, O] in, one at a time: each group whole NF4 blocks
-  and at most max_elems (default DECODE_GROUP_ELEMS) elements when possible (1: decode it whole)."""
-  max_elems = max_elems or DECODE_GROUP_ELEMS
-  if q.kind != "nf4" or q.lead:
+def _groups(q: QuantizedWeight, n_in: int | None, rows: bool) -> int:
+  """How many groups of rows (backward) or columns (forward) of W viewed [I, O] are decoded one at a time: each
+  group whole NF4 blocks and at most DECODE_GROUP_ELEMS elements when possible, else as small as whole blocks
+  allow (1: decode it whole)."""
+  if n_in is None or q.kind != "nf4" or q.lead:
     return 1
   I, O = math.prod(q.inner_shape[:n_in]), math.prod(q.inner_shape[n_in:])
-  for k in range(max(1, -(-I * O // max_elems)), I + 1):
-    if I % k == 0 and (I // k * O) % q.block == 0:
+  n, fewest = (I if rows else O), max(1, -(-I * O // DECODE_GROUP_ELEMS))
+  for k in [*range(fewest, n + 1), *range(fewest - 1, 1, -1)]:  # else the smallest groups that are whole blocks
+    if n % k == 0 and ((n // k) * (O if rows else 1)) % q.block == 0:
       return k
   return 1
 
@@ -94,14 +96,33 @@ def _decode_rows(q: QuantizedWeight, index, rows: int, O: int, dtype, levels) ->
   return nf4_decode(codes, decode_scales(q, blocks), q.block, levels).reshape(rows, O).astype(dtype)
 
 
+def _decode_columns(q: QuantizedWeight, start, size: int, I: int, O: int, dtype, levels) -> jax.Array:
+  """Columns [start, start + size) of W viewed [I, O] (NF4, O, start and size whole blocks): [I, size]."""
+  codes = jax.lax.dynamic_slice_in_dim(q.codes.reshape(I, O // 2), start // 2, size // 2, axis=1)
+  per_row, n = O // q.block, size // q.block
+  blocks = jnp.arange(I)[:, None] * per_row + start // q.block + jnp.arange(n)[None, :]  # [I, size / block]
+  return nf4_decode(codes, decode_scales(q, blocks), q.block, levels).astype(dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def quantized_einsum(spec: str, x: jax.Array, q: QuantizedWeight, dtype) -> jax.Array:
-  """einsum(spec, x, dequantize(q, dtype)) for one projection; the backward re-decodes q (see module doc)."""
-  return jnp.einsum(spec, x, dequantize(q, dtype))
+  """einsum(spec, x, dequantize(q, dtype)) for one projection. A large NF4 weight is decoded a group of output
+  columns at a time (each output column is the same dot product: the result is that of the einsum), so the
+  forward never holds a whole float weight either; the backward re-decodes q (see the module doc)."""
+  late, levels = _decode_after(q, x)
+  n_in = _n_in(spec)
+  k = _groups(q, n_in, rows=False)
+  if k == 1:
+    return jnp.einsum(spec, x, dequantize(late, dtype, levels))
+  I, O = math.prod(q.inner_shape[:n_in]), math.prod(q.inner_shape[n_in:])
+  x2 = x.reshape(-1, I)
+  parts = jax.lax.map(lambda j: jnp.dot(x2, _decode_columns(late, j * (O // k), O // k, I, O, dtype, levels)),
+                      jnp.arange(k))  # [k, N, O / k]
+  return jnp.moveaxis(parts, 0, 1).reshape(x.shape[:x.ndim - n_in] + q.inner_shape[n_in:])
 
 
 def _einsum_fwd(spec, x, q, dtype):
-  return quantized_einsum(spec, x, q, dtype), (q, jnp.zeros((0,), x.dtype))
+  return quantized_einsum(spec, x, q, dtype), (q, jnp.zeros((0,), x.dtype))  # (q, x's dtype): no float weight
 
 
 def _einsum_bwd(spec, dtype, residuals, g):
@@ -110,15 +131,14 @@ def _einsum_bwd(spec, dtype, residuals, g):
   q, x_dtype = residuals
   late, levels = _decode_after(q, g)
   n_in = _n_in(spec)
-  k = 1 if n_in is None else _row_groups(q, n_in)
+  k = _groups(q, n_in, rows=True)
   if k == 1:
     dx = jnp.einsum(_transposed_spec(spec), g, dequantize(late, dtype, levels))
     return dx.astype(x_dtype.dtype), _zero_cotangent(q)
   I, O = math.prod(q.inner_shape[:n_in]), math.prod(q.inner_shape[n_in:])
-  batch = g.shape[:g.ndim - (len(q.inner_shape) - n_in)]
   g2 = g.reshape(-1, O)
   parts = jax.lax.map(lambda j: jnp.dot(g2, _decode_rows(late, j, I // k, O, dtype, levels).T), jnp.arange(k))
-  dx = jnp.moveaxis(parts, 0, 1).reshape(batch + q.inner_shape[:n_in])
+  dx = jnp.moveaxis(parts, 0, 1).reshape(g.shape[:g.ndim - (len(q.inner_shape) - n_in)] + q.inner_shape[:n_in])
   return dx.astype(x_dtype.dtype), _zero_cotangent(q)
 
 
@@ -168,10 +188,7 @@ def column_slice(q: QuantizedWeight, start, size: int, dtype=jnp.float32, levels
     codes = jax.lax.dynamic_slice_in_dim(q.codes, start, size, axis=1)
     scales = jax.lax.dynamic_slice_in_dim(q.scales, start, size, axis=1)
     return (codes.astype(jnp.float32) * scales.astype(jnp.float32)).astype(dtype)
-  codes = jax.lax.dynamic_slice_in_dim(q.codes.reshape(R, C // 2), start // 2, size // 2, axis=1)
-  per_row, n = C // q.block, size // q.block
-  blocks = jnp.arange(R)[:, None] * per_row + start // q.block + jnp.arange(n)[None, :]  # [R, size / block]
-  return nf4_decode(codes, decode_scales(q, blocks), q.block, levels).astype(dtype)
+  return _decode_columns(q, start, size, R, C, dtype, levels)
 
 
 def vocab_chunk(q: QuantizedWeight, max_chunk: int = 4096) -> int | None:

@@ -142,7 +142,8 @@ def run(cfg, workdir: str) -> dict:
     else:
       if cfg.method == "qlora":
         quantize = lambda p: quantize_params(p, cfg.qlora.kind, targets=split_list(cfg.qlora.targets),
-                                             block=cfg.qlora.block)
+                                             block=cfg.qlora.block,
+                                             double_quant=bool(cfg.qlora.get("double_quant", False)))
         base = jax.jit(quantize)(base)  # rebinding drops the float weights (nothing else holds them)
       params_sharding = lora_shardings(model, lcfg, mesh)
       fresh_state = lambda: create_adapter_state(init_lora(model, lcfg, jax.random.key(cfg.seed), mesh=mesh), tx,
