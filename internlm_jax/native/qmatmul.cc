@@ -5,11 +5,14 @@
 //
 // Two kernels, picked per call by M (attribute vnni_min_rows):
 //   exact (M < vnni_min_rows): int8 -> float32 in registers, FMA. Same products as dequantize-then-dot; only
-//     the summation order differs. Batch-1 decode is weight-bandwidth bound, so converting in registers is free.
-//   vnni  (M >= vnni_min_rows): x is quantized to int8 per block of 64 along K (one scale per block, as
-//     llama.cpp's q8 blocks: an outlier channel costs only its own block precision), then vpdpbusd (u8 x s8 ->
-//     s32, 64 products per instruction: 4x the float FMA rate). Error per block b of 64:
+//     the summation order differs. Three vector ops per 16 weights make it compute bound (~12 GB/s of int8 on
+//     2 cores, below the memory's ~25), so by default (qmatmul.py) even batch-1 decode takes the VNNI kernel.
+//   vnni  (M >= vnni_min_rows): x is quantized to int8 per block of QBLOCK = 128 along K (one scale per block,
+//     as llama.cpp's q8 blocks: an outlier channel costs precision in its own block only), then vpdpbusd (u8 x s8
+//     -> s32, 64 products per instruction: 4x the float FMA rate). Error, blocks b of x's row m:
 //     |y - y_exact| <= scale[n] * sum_b (max_{k in b} |x[m, k]| / 254) * sum_{k in b} |w[n, k]|.
+//     Blocks of 128 measured ~1.3x faster than 64 at M = 32 (half the int32 -> float conversions), 256 a little
+//     faster again; 128 keeps an outlier's reach small.
 // Work is split over output rows on XLA's intra-op thread pool (no threads of our own).
 #include <immintrin.h>
 
@@ -103,12 +106,16 @@ void Exact(const float* x, int64_t M, int64_t K, const int8_t* w, const float* s
   }
 }
 
-// ---- vnni: activations quantized per block of 64, u8 x s8 dot products -----------------------------------------
+// ---- vnni: activations quantized per block, u8 x s8 dot products ---------------------------------------------
 // vpdpbusd multiplies unsigned by signed bytes. The weight is the unsigned side (w + 128, one xor in registers)
 // so the activations keep their sign, and the offset's contribution 128 * sum_k xq[k] depends on x alone: each
 // block's accumulator starts at -128 * sum xq instead of 0. A block's integer sum stays below 2^24, so it
 // converts to float exactly before its scale is applied.
-constexpr int64_t kBlock = 64;
+constexpr int64_t kChunk = 64;  // bytes of one register
+#ifndef QBLOCK
+#define QBLOCK 128
+#endif
+constexpr int64_t kBlock = QBLOCK;  // activations per scale; a multiple of kChunk, at most 512 (int32 -> float exact)
 
 struct QuantizedRows {
   int64_t blocks;             // ceil(K / 64); rows are zero padded to whole blocks
@@ -123,22 +130,28 @@ QuantizedRows QuantizeRows(const float* x, int64_t M, int64_t K) {
   out.q.assign(M * out.blocks * kBlock, 0);
   out.scale.resize(M * out.blocks);
   out.bias.resize(M * out.blocks);
+  const __m512 sign = _mm512_set1_ps(-0.f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < out.blocks; ++b) {
       const float* src = x + m * K + b * kBlock;
       const int64_t n = std::min(kBlock, K - b * kBlock);
-      float amax = 0.f;
-      for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(src[k]));
-      const float s = amax > 0.f ? amax / 127.f : 1.f;
-      const float inv = 1.f / s;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < n; k += 16)
+        amax = _mm512_max_ps(amax, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(Mask16(n - k), src + k)));
+      const float top = _mm512_reduce_max_ps(amax);
+      const float s = top > 0.f ? top / 127.f : 1.f;
+      const __m512 inv = _mm512_set1_ps(1.f / s);
       int8_t* dst = out.q.data() + (m * out.blocks + b) * kBlock;
-      int32_t sum = 0;
-      for (int64_t k = 0; k < n; ++k) {
-        dst[k] = static_cast<int8_t>(std::clamp(static_cast<int>(std::nearbyint(src[k] * inv)), -127, 127));
-        sum += dst[k];
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = 0; k < n; k += 16) {
+        // round to nearest even (the default MXCSR mode), |v| <= 127 (x * (1/s) may round to 127.00001)
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(Mask16(n - k), src + k), inv));
+        v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), _mm512_cvtepi32_epi8(v));
       }
       out.scale[m * out.blocks + b] = s;
-      out.bias[m * out.blocks + b] = -128 * sum;
+      out.bias[m * out.blocks + b] = -128 * _mm512_reduce_add_epi32(sum);
     }
   }
   return out;
@@ -152,35 +165,40 @@ void VnniTile(const QuantizedRows& xq, int64_t m0, int64_t K, const int8_t* w, c
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t row = xq.blocks * kBlock;
-  auto step = [&](int64_t b, __mmask64 mask) __attribute__((always_inline)) {
-    const int64_t k = b * kBlock;
-    __m512i wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * K + k), flip);
+  for (int64_t b = 0; b < xq.blocks; ++b) {
+    __m512i dot[MR][NR];
     for (int m = 0; m < MR; ++m) {
-      const int64_t mb = (m0 + m) * xq.blocks + b;
-      const __m512i xv = _mm512_loadu_si512(xq.q.data() + (m0 + m) * row + k);
-      const __m512i init = _mm512_maskz_set1_epi32(1, xq.bias[mb]);
-      const __m512 sx = _mm512_set1_ps(xq.scale[mb]);
-      for (int r = 0; r < NR; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(init, wv[r], xv);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sx, acc[m][r]);
-      }
+      const __m512i init = _mm512_maskz_set1_epi32(1, xq.bias[(m0 + m) * xq.blocks + b]);
+      for (int r = 0; r < NR; ++r) dot[m][r] = init;
     }
-  };
-  const int64_t full = K / kBlock;
-  for (int64_t b = 0; b < full; ++b) step(b, ~0ULL);
-  if (full < xq.blocks) step(full, Mask64(K - full * kBlock));
+    auto chunk = [&](int64_t k, __mmask64 mask) __attribute__((always_inline)) {
+      __m512i wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * K + k), flip);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xv = _mm512_loadu_si512(xq.q.data() + (m0 + m) * row + k);
+        for (int r = 0; r < NR; ++r) dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], wv[r], xv);
+      }
+    };
+    const int64_t end = std::min(K, (b + 1) * kBlock);
+    int64_t k = b * kBlock;
+    for (; k + kChunk <= end; k += kChunk) chunk(k, ~0ULL);  // a constant mask: plain loads
+    if (k < end) chunk(k, Mask64(end - k));
+    for (int m = 0; m < MR; ++m) {
+      const __m512 sx = _mm512_set1_ps(xq.scale[(m0 + m) * xq.blocks + b]);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][r]), sx, acc[m][r]);
+    }
+  }
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) y[(m0 + m) * N + r] = _mm512_reduce_add_ps(acc[m][r]) * scale[r];
 }
 
+// Tiles of 3 rows x 4 columns: 12 integer and 12 float accumulators, 4 weight registers, within the 32 zmm.
 template <int NR>
 void VnniColumns(const QuantizedRows& xq, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y,
                  int64_t N) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) VnniTile<4, NR>(xq, m, K, w, scale, y, N);
+  for (; m + 3 <= M; m += 3) VnniTile<3, NR>(xq, m, K, w, scale, y, N);
   switch (M - m) {
-    case 3: VnniTile<3, NR>(xq, m, K, w, scale, y, N); break;
     case 2: VnniTile<2, NR>(xq, m, K, w, scale, y, N); break;
     case 1: VnniTile<1, NR>(xq, m, K, w, scale, y, N); break;
     default: break;

@@ -6,7 +6,7 @@ quant.QArray kept whole) -> y [..., N] float32.
 XLA:CPU does not fuse an int8 -> float convert into a dot, so the pure-JAX path (dequantize, then dot) reads and
 writes a float copy of every weight; the kernel streams the int8 weight once. Rows of x below `vnni_min_rows`
 take the exact kernel (int8 -> float in registers, float FMA); more rows take the VNNI kernel, which quantizes
-x to int8 per block of 64 (error bound in qmatmul.cc and `vnni_error_bound`). Disable with INTERNLM_JAX_NATIVE=0.
+x to int8 per block of BLOCK = 128 (error bound in qmatmul.cc and `vnni_error_bound`). Disable with INTERNLM_JAX_NATIVE=0.
 """
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ import numpy as np
 from internlm_jax.native import build
 
 _TARGET = "internlm_jax_qmatmul_i8"
-# Rows of x from which the VNNI kernel runs (measured on a 2-core Sapphire Rapids, 768x2048 weights: the exact
-# kernel is bandwidth bound up to a few rows, VNNI wins from about 4). Override: INTERNLM_JAX_NATIVE_VNNI_MIN_ROWS.
+BLOCK = 128  # activations per int8 scale in the VNNI kernel (QBLOCK in qmatmul.cc)
+# Rows of x from which the VNNI kernel runs. Measured on a 2-core Sapphire Rapids (125M model, batch-1 int8
+# decode): VNNI 120-125 tok/s, exact 90 (the exact kernel is compute bound), so VNNI from one row. A huge value
+# (INTERNLM_JAX_NATIVE_VNNI_MIN_ROWS) keeps the exact kernel everywhere, e.g. to reproduce the pure-JAX tokens.
 VNNI_MIN_ROWS = 1
 _state: dict[str, object] = {}
 
@@ -93,11 +95,11 @@ def reference(x: jax.Array, w: Int8Weight) -> jax.Array:
 
 
 def vnni_error_bound(x: jax.Array, w: Int8Weight) -> jax.Array:
-  """[..., N] bound on |VNNI kernel - exact|: x is rounded per block of 64 along K to steps of the block's
+  """[..., N] bound on |VNNI kernel - exact|: x is rounded per block of BLOCK along K to steps of the block's
   max |x| / 127, so each product is off by at most half its block's step times |w|."""
   K = x.shape[-1]
-  pad = -K % 64
-  xb = jnp.pad(jnp.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], -1, 64)
-  wb = jnp.pad(jnp.abs(w.astype(jnp.float32)), [(0, 0), (0, pad)]).reshape(w.q.shape[0], -1, 64)
+  pad = -K % BLOCK
+  xb = jnp.pad(jnp.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], -1, BLOCK)
+  wb = jnp.pad(jnp.abs(w.astype(jnp.float32)), [(0, 0), (0, pad)]).reshape(w.q.shape[0], -1, BLOCK)
   half_step = jnp.max(xb, axis=-1) / 254.0  # [..., blocks]
   return jnp.einsum("...b,nb->...n", half_step, jnp.sum(wb, axis=-1), precision="highest")
