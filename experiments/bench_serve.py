@@ -235,13 +235,14 @@ def _load_section(config, params, rng, res, save):
     with open(path) as f:
       earlier = json.load(f)
     assert earlier["load_requests"] == len(work), f"{path}: another trace"
-    runs += earlier["load"]
-  runs.sort(key=lambda r: r["rate"])
+    runs += earlier.get("load_raw", earlier["load"])
+  raw, runs = runs, bl.median_by_rate(runs)  # rates run more than once count by their medians
   ratios = bl.continuous_vs_static(runs, SLO.value)
   res.update(load_requests=len(work), load_prompt_mean=float(np.mean([len(p) for p, _ in work])),
              load_output_mean=float(np.mean([o for _, o in work])), load_slots=SLOTS.value,
              load_min_decode_bucket=MIN_BUCKET.value,
-             load_static_wait_s=STATIC_WAIT.value, load_static_capacity_estimate=capacity, load=runs, **ratios)
+             load_static_wait_s=STATIC_WAIT.value, load_static_capacity_estimate=capacity, load=runs, load_raw=raw,
+             **ratios)
   save("load")
   _print_table(config, res)
 

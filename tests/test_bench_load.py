@@ -51,3 +51,12 @@ def test_static_batches_wait_for_the_whole_batch():
   assert out["ttft_p99_s"] > out["ttft_p50_s"]
   engine.allocator.check_invariants()
   assert engine.allocator.num_available == engine.allocator.usable_pages
+
+
+def test_repeated_rates_count_by_their_medians():
+  runs = [run(2.0, (70, 15), (80, 2)), run(2.0, (60, 25), (90, 3)), run(2.0, (50, 12), (70, 1)),
+          run(4.0, (90, 40), (150, 9))]
+  merged = bl.median_by_rate(runs)
+  assert [m["rate"] for m in merged] == [2.0, 4.0] and merged[0]["repeats"] == 3
+  assert merged[0]["static"] == {"output_tokens_per_sec": 60, "ttft_p99_s": 15}
+  assert bl.continuous_vs_static(merged, slo_s=20)["continuous_vs_static"] == pytest.approx(150 / 60)

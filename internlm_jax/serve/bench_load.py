@@ -173,6 +173,22 @@ def bench_load(engine: Engine, tokenizer, work, rates, seed: int, wait_s: float 
   return runs
 
 
+def median_by_rate(runs: list[dict]) -> list[dict]:
+  """Runs repeated at one rate -> one run per rate holding each system's per-metric medians and `repeats`."""
+  by_rate = collections.defaultdict(list)
+  for r in runs:
+    by_rate[r["rate"]].append(r)
+  out = []
+  for rate in sorted(by_rate):
+    group = by_rate[rate]
+    merged = {"rate": rate, "repeats": len(group)}
+    for system in ("static", "continuous"):
+      keys = [k for k, v in group[0][system].items() if isinstance(v, (int, float))]
+      merged[system] = {k: float(np.median([g[system][k] for g in group])) for k in keys}
+    out.append(merged)
+  return out
+
+
 def sustainable(runs: list[dict], system: str, slo_s: float) -> dict | None:
   """`system`'s run with the most output tokens/s among those whose p99 TTFT met the SLO (None if none did)."""
   ok = [r for r in runs if r[system]["ttft_p99_s"] <= slo_s]
