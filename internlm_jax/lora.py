@@ -19,10 +19,11 @@ b). model.py applies every layer projection through `layers.project(spec, x, w, 
 computes einsum(x, W) + s * (x a) b: no merged weight and no weight-sized gradient is built (the base is behind
 `stop_gradient` and is not an argument of the differentiated function in `train.finetune_step`), per layer inside
 the layer scan (a scan slices every leaf, including a and b). A quantized base (`quant_nf4.QuantizedWeight`) is
-dequantized there, one layer at a time. The output head and anything else that reads a weight with
-`w.astype(compute_dtype)` gets the merged W + s * a @ b instead (the same numbers). LoRA dropout (on the adapter's
-input activations, as PEFT) applies when `apply_lora` gets a dropout key, which the SFT step derives from the
-state's key and step; with gradient accumulation the micro-batches of a step share their masks.
+decoded per layer in groups and again in the backward, never saved (quant_nf4_ops.quantized_einsum). The output
+head and anything else that reads a weight with `w.astype(compute_dtype)` gets the merged W + s * a @ b instead
+(the same numbers). LoRA dropout (on the adapter's input activations, as PEFT) applies when `apply_lora` gets a
+dropout key, which the SFT step derives from the state's key and step; with gradient accumulation the
+micro-batches of a step share their masks.
 
 PEFT export: torch Linear weights are [out, in], so lora_A.weight = a[i] viewed [in, r], transposed ([r, in]) and
 lora_B.weight = b[i] viewed [r, out], transposed ([out, r]); the flattening orders are those of hf_io (wqkv rows
