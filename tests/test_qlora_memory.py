@@ -124,3 +124,27 @@ def test_backward_keeps_no_dequantized_weight_as_residual():
                    if jnp.issubdtype(r.dtype, jnp.floating) and r.size >= E * F]
   assert big(lambda x: jnp.einsum("bte,ef->btf", x, Q.dequantize(q))) == [(E, F)]
   assert big(lambda x: q.project("bte,ef->btf", x, jnp.float32)) == []
+
+
+def test_qlora_step_loss_and_adapter_gradients_equal_the_dequantized_base():
+  """The whole QLoRA loss (NF4 embedding, layers and head, double-quantized, full remat) against the same base
+  dequantized to float: the custom VJPs change memory, not numbers."""
+  from internlm_jax.config import PRESETS
+  from internlm_jax.lora import LoraConfig, apply_lora, init_lora
+  from internlm_jax.train.finetune_step import base_cross_entropy_sums
+  config = PRESETS["tiny"].replace(remat_policy="full")
+  base = Q.init_quantized_params(config, jax.random.key(0), "nf4", double_quant=True,
+                                 targets=["embed", "wqkv", "wo", "w1", "w2", "w3", "output"])
+  lcfg = LoraConfig(rank=4, alpha=8.0, targets=("wqkv", "wo", "w1", "w2", "w3"))
+  adapters = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(2), x.shape),
+                          init_lora(config, lcfg, jax.random.key(1)))
+  T = 16
+  batch = {"tokens": jax.random.randint(jax.random.key(3), (2, T), 0, config.vocab_size),
+           "targets": jax.random.randint(jax.random.key(4), (2, T), 0, config.vocab_size),
+           "segment_ids": jnp.ones((2, T), jnp.int32), "loss_mask": jnp.ones((2, T), jnp.int32),
+           "positions": jnp.tile(jnp.arange(T, dtype=jnp.int32), (2, 1))}
+  loss = lambda b: jax.value_and_grad(lambda a: base_cross_entropy_sums(apply_lora(b, a, lcfg), batch, config)[0])
+  (ours, g_ours), (ref, g_ref) = loss(base)(adapters), loss(Q.dequantize_params(base))(adapters)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
