@@ -47,7 +47,7 @@ def test_native_path_is_active_where_it_can_be():
 def _weight(N, K, seed=0):
   w = jax.random.normal(jax.random.key(seed), (N, K)) * 0.05
   qa = quantize(w, 1)
-  return qmatmul.Int8Weight(qa.q.reshape(N, K), qa.scale.reshape(N))
+  return qmatmul.pack(qa.q.reshape(N, K), qa.scale.reshape(N))
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 8, 64), (1, 37, 100), (3, 33, 130), (32, 64, 256), (70, 13, 200),

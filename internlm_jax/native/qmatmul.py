@@ -1,7 +1,7 @@
 """int8-weight matmul on XLA:CPU through a native FFI kernel (qmatmul.cc), for the serving engine.
 
-Shapes: x [..., K] float32, w an `Int8Weight` (q [N, K] int8, scale [N] float32, i.e. a per-output-channel int8
-quant.QArray kept whole) -> y [..., N] float32.
+Shapes: x [..., K] float32, w an `Int8Weight` (a per-output-channel int8 weight [N, K] with scale [N], i.e. a
+quant.QArray kept whole, packed once by `pack` into the kernel's panel layout) -> y [..., N] float32.
 
 XLA:CPU does not fuse an int8 -> float convert into a dot, so the pure-JAX path (dequantize, then dot) reads and
 writes a float copy of every weight; the kernel streams the int8 weight once. Rows of x below `vnni_min_rows`
@@ -11,6 +11,7 @@ x to int8 per block of BLOCK = 128 (error bound in qmatmul.cc and `vnni_error_bo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import warnings
@@ -23,7 +24,7 @@ import numpy as np
 from internlm_jax.native import build
 
 _TARGET = "internlm_jax_qmatmul_i8"
-BLOCK = 128  # activations per int8 scale in the VNNI kernel (QBLOCK in qmatmul.cc)
+BLOCK = 128  # activations per int8 scale in the VNNI kernel (kBlock in qmatmul.cc)
 # Rows of x from which the VNNI kernel runs. Measured on a 2-core Sapphire Rapids (125M model, batch-1 int8
 # decode): VNNI 120-125 tok/s, exact 90 (the exact kernel is compute bound), so VNNI from one row. A huge value
 # (INTERNLM_JAX_NATIVE_VNNI_MIN_ROWS) keeps the exact kernel everywhere, e.g. to reproduce the pure-JAX tokens.
@@ -31,18 +32,54 @@ VNNI_MIN_ROWS = 1
 _state: dict[str, object] = {}
 
 
-@jax.tree_util.register_dataclass
+LANES = 16  # output rows per packed panel (kLanes in qmatmul.cc: one zmm register)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "scale"], meta_fields=["n", "k"])
 @dataclasses.dataclass
 class Int8Weight:
-  q: jax.Array      # [N, K] int8
-  scale: jax.Array  # [N] float32
+  """A per-output-channel int8 weight [n, k] in the kernel's packed layout (see qmatmul.cc): panels of 16 output
+  rows, k padded to a multiple of BLOCK, each group of 4 along k stored as 16 rows x 4 bytes, + 128 (uint8).
+  Build with `pack`; `astype` gives back the dequantized [n, k] weight."""
+  packed: jax.Array  # [ceil(n / 16), kp * 16] uint8
+  scale: jax.Array   # [ceil(n / 16) * 16] float32 (zero past n)
+  n: int
+  k: int
 
   @property
   def shape(self) -> tuple[int, int]:
-    return self.q.shape
+    return (self.n, self.k)
+
+  @property
+  def q(self) -> jax.Array:
+    """The int8 weight [n, k]."""
+    panels, width = self.packed.shape
+    kp = width // LANES
+    rows = self.packed.reshape(panels, kp // 4, LANES, 4).transpose(0, 2, 1, 3).reshape(panels * LANES, kp)
+    return (rows[:self.n, :self.k].astype(jnp.int32) - 128).astype(jnp.int8)
 
   def astype(self, dtype) -> jax.Array:
-    return self.q.astype(dtype) * self.scale.astype(dtype)[:, None]
+    return self.q.astype(dtype) * self.scale[:self.n].astype(dtype)[:, None]
+
+
+def pack(q: jax.Array, scale: jax.Array) -> Int8Weight:
+  """int8 q [n, k] and per-row float scale [n] -> the packed `Int8Weight` (jit-able; done once at load time)."""
+  chex.assert_rank([q, scale], [2, 1])
+  chex.assert_type([q], [jnp.int8])
+  n, k = q.shape
+  if scale.shape[0] != n:
+    raise ValueError(f"qmatmul.pack: scale {scale.shape} for q {q.shape}")
+  npad, kpad = -n % LANES, -k % BLOCK
+  u = jnp.pad(q.astype(jnp.int32) + 128, [(0, npad), (0, kpad)], constant_values=128).astype(jnp.uint8)
+  panels, kp = (n + npad) // LANES, k + kpad
+  packed = u.reshape(panels, LANES, kp // 4, 4).transpose(0, 2, 1, 3).reshape(panels, kp * LANES)
+  return Int8Weight(packed, jnp.pad(scale.astype(jnp.float32), (0, npad)), n, k)
+
+
+def concat(weights: list[Int8Weight]) -> Int8Weight:
+  """The weights' output rows stacked (one call instead of several on the same input): [sum n, k]."""
+  q = jnp.concatenate([w.q for w in weights], axis=0)
+  return pack(q, jnp.concatenate([w.scale[:w.n] for w in weights]))
 
 
 def enabled_by_env() -> bool:
@@ -77,16 +114,16 @@ def vnni_min_rows() -> int:
 def qmatmul(x: jax.Array, w: Int8Weight, *, min_rows: int | None = None) -> jax.Array:
   """x [..., K] float32 @ w.T -> [..., N] float32 on the native kernel (call `available()` first). `min_rows`:
   rows of x from which the VNNI kernel runs (default `vnni_min_rows()`; a huge value forces the exact one)."""
-  chex.assert_rank([w.q, w.scale], [2, 1])
-  chex.assert_type([x, w.q, w.scale], [jnp.float32, jnp.int8, jnp.float32])
-  N, K = w.q.shape
-  if x.shape[-1] != K or w.scale.shape[0] != N:
-    raise ValueError(f"qmatmul: x {x.shape} against weight q {w.q.shape}, scale {w.scale.shape}")
+  chex.assert_rank([w.packed, w.scale], [2, 1])
+  chex.assert_type([x, w.packed, w.scale], [jnp.float32, jnp.uint8, jnp.float32])
+  N, K = w.shape
+  if x.shape[-1] != K:
+    raise ValueError(f"qmatmul: x {x.shape} against an int8 weight [{N}, {K}]")
   lead = x.shape[:-1]
   x2 = x.reshape(-1, K)
   rows = vnni_min_rows() if min_rows is None else min_rows
   call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))
-  return call(x2, w.q, w.scale, vnni_min_rows=np.int64(rows)).reshape(*lead, N)
+  return call(x2, w.packed, w.scale, n_out=np.int64(N), vnni_min_rows=np.int64(rows)).reshape(*lead, N)
 
 
 def reference(x: jax.Array, w: Int8Weight) -> jax.Array:
@@ -100,6 +137,6 @@ def vnni_error_bound(x: jax.Array, w: Int8Weight) -> jax.Array:
   K = x.shape[-1]
   pad = -K % BLOCK
   xb = jnp.pad(jnp.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], -1, BLOCK)
-  wb = jnp.pad(jnp.abs(w.astype(jnp.float32)), [(0, 0), (0, pad)]).reshape(w.q.shape[0], -1, BLOCK)
+  wb = jnp.pad(jnp.abs(w.astype(jnp.float32)), [(0, 0), (0, pad)]).reshape(w.shape[0], -1, BLOCK)
   half_step = jnp.max(xb, axis=-1) / 254.0  # [..., blocks]
   return jnp.einsum("...b,nb->...n", half_step, jnp.sum(wb, axis=-1), precision="highest")

@@ -64,7 +64,7 @@ def _serving_weight(w, perm, n_out, blocks: bool = False, native: bool = False):
   out = math.prod(q.shape[:n_out])
   w = QArray(q.reshape(out, -1, q.shape[-1]), scale.reshape(out, -1, 1), -2)
   if native and w.q.dtype == jnp.int8 and w.q.shape[1] == 1:
-    return qmatmul.Int8Weight(w.q.reshape(out, -1), w.scale.reshape(out).astype(jnp.float32))
+    return qmatmul.pack(w.q.reshape(out, -1), w.scale.reshape(out))
   if not blocks:
     return w
   size = w.shape[1]
