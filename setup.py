@@ -6,7 +6,7 @@ setup(
     description="InternLM2 in JAX: model, sharding, data, training, fine-tuning, serving, evaluation, agents.",
     python_requires=">=3.10",
     packages=find_packages(include=["internlm_jax", "internlm_jax.*", "kernels", "kernels.*"]),
-    package_data={"internlm_jax.native": ["*.cc"]},  # compiled on first use (internlm_jax/native/build.py)
+    package_data={"internlm_jax.native": ["*.cc", "*.h"]},  # compiled on first use (internlm_jax/native/build.py)
     install_requires=[
         "jax>=0.10.2,<0.13",
         "flax>=0.12.8,<0.14",

@@ -70,6 +70,34 @@ def test_kernels_match_the_pure_jax_product(native, M, N, K):
   np.testing.assert_array_equal(default, exact if M < qmatmul.vnni_min_rows() else vnni)
 
 
+@pytest.mark.parametrize("M,N,K,group", [(1, 20, 256, 64), (5, 48, 192, 64), (7, 33, 512, 256), (2, 16, 96, 8)])
+def test_group_scales_match_the_pure_jax_product(native, M, N, K, group):
+  """One scale per row and group of inputs (wo's per-head groups) applied inside the kernel."""
+  w = jax.random.normal(jax.random.key(N), (N, K)) * jnp.repeat(jnp.logspace(-2, 0, K // group), group)
+  qa = quantize(w.reshape(N, K // group, group), 2)
+  iw = qmatmul.pack(qa.q.reshape(N, K), qa.scale.reshape(N, K // group))
+  np.testing.assert_array_equal(iw.q, qa.q.reshape(N, K))
+  np.testing.assert_allclose(iw.astype(jnp.float32), (qa.q * qa.scale).reshape(N, K), rtol=1e-6)
+  x = jax.random.normal(jax.random.key(M), (M, K)).at[:, 3].multiply(20.0)
+  ref = np.asarray(qmatmul.reference(x, iw))
+  scale = np.abs(ref).max()
+  exact = np.asarray(jax.jit(lambda x, w: native.qmatmul(x, w, min_rows=EXACT))(x, iw))
+  np.testing.assert_allclose(exact, ref, atol=2e-6 * scale, rtol=0)
+  vnni = np.asarray(jax.jit(lambda x, w: native.qmatmul(x, w, min_rows=0))(x, iw))
+  bound = np.asarray(qmatmul.vnni_error_bound(x, iw))
+  assert np.all(np.abs(vnni - ref) <= bound + 2e-6 * scale), np.max(np.abs(vnni - ref) - bound)
+
+
+def test_pack_round_trip_concat_and_bad_groups():
+  w = _weight(37, 100)
+  both = qmatmul.concat([w, _weight(5, 100, seed=3)])
+  assert both.shape == (42, 100)
+  np.testing.assert_array_equal(both.q[:37], w.q)
+  np.testing.assert_allclose(both.astype(jnp.float32)[:37], w.astype(jnp.float32))
+  with pytest.raises(ValueError, match="multiple of 4"):
+    qmatmul.pack(jnp.zeros((4, 96), jnp.int8), jnp.ones((4, 32)))  # groups of 3
+
+
 def test_leading_axes_and_shape_errors(native):
   w = _weight(12, 40)
   x = jax.random.normal(jax.random.key(1), (2, 3, 40))
@@ -106,6 +134,7 @@ def test_engine_int8_decode_equals_the_pure_jax_path(native, monkeypatch):
   engine, logits, tokens = _greedy(config, q8, prompt, 12)
   assert isinstance(engine.params["layers"][0]["w1"], qmatmul.Int8Weight)
   assert isinstance(engine.params["output"], qmatmul.Int8Weight)
+  assert isinstance(engine.params["layers"][0]["wo"], qmatmul.Int8Weight)  # per-head scales
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
   assert tokens == ref_tokens
   # Default dispatch: the prompt's rows take the VNNI kernel; logits stay within int8-activation error.

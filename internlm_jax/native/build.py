@@ -48,7 +48,8 @@ def load(name: str) -> ctypes.CDLL:
   if cxx is None:
     raise RuntimeError("no C++ compiler (g++ or $CXX) found")
   source = _HERE / f"{name}.cc"
-  key = hashlib.sha256(source.read_bytes() + jaxlib.__version__.encode() + _cpu_flags().encode()
+  headers = b"".join(h.read_bytes() for h in sorted(_HERE.glob("*.h")))
+  key = hashlib.sha256(source.read_bytes() + headers + jaxlib.__version__.encode() + _cpu_flags().encode()
                        + cxx.encode()).hexdigest()[:16]
   target = cache_dir() / f"{name}-{key}.so"
   if not target.exists():

@@ -31,6 +31,7 @@
 #include <memory>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,68 +40,53 @@ namespace {
 
 constexpr int64_t kLanes = 16;    // outputs per panel (one zmm of int32 / float)
 constexpr int64_t kBlock = 128;   // activations per int8 scale; Kp is a multiple of it
-constexpr int64_t kGroups = kBlock / 4;
 
-// Chunks [0, total) claimed from a shared counter by the caller and by pool tasks. A task that starts after
-// every chunk is claimed only touches the shared counters (kept alive by its shared_ptr), so the caller may
-// return once the claimed chunks are done: nothing waits for a pool thread that is busy elsewhere.
-struct Chunks {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-  std::function<void(int64_t)> body;
+using internlm_native::Mask16;
+using internlm_native::ParallelFor;
 
-  void Run() {
-    for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
-      body(i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
+// The packed weight. scale is [groups, panels * 16]: one float per output row and group of `group` consecutive
+// k (groups = 1: per output channel, applied once at the end; more: applied per group, e.g. per head of wo).
+struct Weight {
+  const uint8_t* panels;
+  int64_t panel_bytes;  // Kp * 16
+  const float* scale;
+  int64_t rows;         // panels * 16: the stride of scale
+  int64_t groups;
+  int64_t group;        // K / groups
 };
 
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> body) {
-  int64_t threads = std::min<int64_t>(pool.num_threads(), total);
-  if (threads <= 1) {
-    for (int64_t i = 0; i < total; ++i) body(i);
-    return;
-  }
-  auto chunks = std::make_shared<Chunks>();
-  chunks->total = total;
-  chunks->body = std::move(body);
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([chunks] { chunks->Run(); });
-  chunks->Run();
-  while (chunks->done.load(std::memory_order_acquire) < total) _mm_pause();
-}
-
-inline __mmask16 Mask16(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
-
-// The tile's outputs: y[m, n0 + 16 r + lane] = acc * scale, masked at N's end.
+// The tile's outputs: y[m, n0 + 16 r + lane] = acc (* scale), masked at N's end.
 template <int MR, int NR>
 inline void Store(const __m512 (&acc)[MR][NR], const float* scale, float* y, int64_t N, int64_t n0) {
   for (int r = 0; r < NR; ++r) {
     const int64_t n = n0 + r * kLanes;
     if (n >= N) break;
     const __mmask16 mask = Mask16(N - n);
-    const __m512 s = _mm512_maskz_loadu_ps(mask, scale + n);
+    const __m512 s = scale ? _mm512_maskz_loadu_ps(mask, scale + n) : _mm512_set1_ps(1.f);
     for (int m = 0; m < MR; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, _mm512_mul_ps(acc[m][r], s));
   }
+}
+
+template <int NR>
+inline void GroupScales(const Weight& w, int64_t k, int64_t n0, __m512 (&ws)[NR]) {
+  const int64_t gi = std::min(k / w.group, w.groups - 1);  // k in Kp's padding: zero weights, any scale
+  for (int r = 0; r < NR; ++r) ws[r] = _mm512_loadu_ps(w.scale + gi * w.rows + n0 + r * kLanes);
 }
 
 // ---- exact: float FMA over int8 converted in registers --------------------------------------------------------
 // Byte j of each 32-bit lane (x 0x80 undoes the +128) shifted to the top, then an arithmetic shift back down
 // sign-extends it: q[n, 4 g + j] for the 16 lanes.
-template <int MR, int NR>
-void ExactTile(const float* x, int64_t K, const uint8_t* panels, int64_t panel_bytes, const float* scale, float* y,
-               int64_t N, int64_t n0) {
-  __m512 acc[MR][NR];
+template <int MR, int NR, bool kGrouped>
+void ExactTile(const float* x, int64_t K, const Weight& w, const uint8_t* panels, float* y, int64_t N, int64_t n0) {
+  __m512 acc[MR][NR], part[MR][NR];
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < NR; ++r) acc[m][r] = part[m][r] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int64_t groups = (K + 3) / 4;
-  for (int64_t g = 0; g < groups; ++g) {
+  const int64_t steps = (K + 3) / 4;
+  for (int64_t g = 0; g < steps; ++g) {
     __m512i wv[NR];
     for (int r = 0; r < NR; ++r)
-      wv[r] = _mm512_xor_si512(_mm512_loadu_si512(panels + r * panel_bytes + g * 64), flip);
+      wv[r] = _mm512_xor_si512(_mm512_loadu_si512(panels + r * w.panel_bytes + g * 64), flip);
     for (int j = 0; j < 4; ++j) {
       const int64_t k = 4 * g + j;
       if (k >= K) break;
@@ -109,22 +95,39 @@ void ExactTile(const float* x, int64_t K, const uint8_t* panels, int64_t panel_b
         wf[r] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(wv[r], 24 - 8 * j), 24));
       for (int m = 0; m < MR; ++m) {
         const __m512 xv = _mm512_set1_ps(x[m * K + k]);
-        for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wf[r], acc[m][r]);
+        for (int r = 0; r < NR; ++r) part[m][r] = _mm512_fmadd_ps(xv, wf[r], part[m][r]);
       }
     }
+    if (kGrouped && ((4 * g + 4) % w.group == 0 || g + 1 == steps)) {  // group % 4 == 0: groups end on a step
+      __m512 ws[NR];
+      GroupScales<NR>(w, 4 * g, n0, ws);
+      for (int m = 0; m < MR; ++m)
+        for (int r = 0; r < NR; ++r) {
+          acc[m][r] = _mm512_fmadd_ps(part[m][r], ws[r], acc[m][r]);
+          part[m][r] = _mm512_setzero_ps();
+        }
+    }
   }
-  Store<MR, NR>(acc, scale, y, N, n0);
+  if (kGrouped) {
+    Store<MR, NR>(acc, nullptr, y, N, n0);
+  } else {
+    Store<MR, NR>(part, w.scale, y, N, n0);
+  }
 }
 
 // ---- vnni: activations quantized per block, u8 x s8 dot products ---------------------------------------------
+// Integer sums run over sub-blocks of `sub` k (kBlock, or a weight group when groups are shorter), each starting
+// from its bias: -128 * the sum of its xq (the weight's +128 offset).
 struct QuantizedRows {
   int64_t blocks = 0;         // Kp / kBlock; rows are zero padded to whole blocks
-  std::vector<int8_t> q;      // [M, blocks * kBlock]
+  int64_t sub = kBlock;       // k per integer sum, dividing kBlock
+  std::vector<int8_t> q;      // [M, Kp]
   std::vector<float> scale;   // [M, blocks]: max |x| of the block / 127
-  std::vector<int32_t> bias;  // [M, blocks]: -128 * sum of the block's q
+  std::vector<int32_t> bias;  // [M, Kp / sub]
 };
 
-void QuantizeRow(const float* src, int64_t K, int64_t blocks, int8_t* dst, float* scales, int32_t* biases) {
+void QuantizeRow(const float* src, int64_t K, int64_t blocks, int64_t sub, int8_t* dst, float* scales,
+                 int32_t* biases) {
   const __m512 sign = _mm512_set1_ps(-0.f);
   for (int64_t b = 0; b < blocks; ++b) {
     const float* s0 = src + b * kBlock;
@@ -136,39 +139,42 @@ void QuantizeRow(const float* src, int64_t K, int64_t blocks, int8_t* dst, float
     const float s = top > 0.f ? top / 127.f : 1.f;
     const __m512 inv = _mm512_set1_ps(1.f / s);
     int8_t* d0 = dst + b * kBlock;
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t k = 0; k < kBlock; k += 16) {  // past n the masked loads give zeros: the padding
-      // round to nearest even (the default MXCSR mode), |v| <= 127 (x * (1/s) may round to 127.00001)
-      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(Mask16(n - k), s0 + k), inv));
-      v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-      sum = _mm512_add_epi32(sum, v);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(d0 + k), _mm512_cvtepi32_epi8(v));
-    }
     scales[b] = s;
-    biases[b] = -128 * _mm512_reduce_add_epi32(sum);
+    for (int64_t k0 = 0; k0 < kBlock; k0 += sub) {
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = k0; k < k0 + sub; k += 16) {  // past n the masked loads give zeros: the padding
+        // round to nearest even (the default MXCSR mode), |v| <= 127 (x * (1/s) may round to 127.00001)
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(Mask16(n - k), s0 + k), inv));
+        v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        v = _mm512_maskz_mov_epi32(Mask16(sub - (k - k0)), v);
+        sum = _mm512_add_epi32(sum, v);
+        _mm_mask_storeu_epi8(d0 + k, Mask16(sub - (k - k0)), _mm512_cvtepi32_epi8(v));
+      }
+      biases[(b * kBlock + k0) / sub] = -128 * _mm512_reduce_add_epi32(sum);
+    }
   }
 }
 
-template <int MR, int NR>
-void VnniTile(const QuantizedRows& xq, int64_t m0, const uint8_t* panels, int64_t panel_bytes, const float* scale,
-              float* y, int64_t N, int64_t n0) {
+template <int MR, int NR, bool kGrouped>
+void VnniTile(const QuantizedRows& xq, int64_t m0, const Weight& w, const uint8_t* panels, float* y, int64_t N,
+              int64_t n0) {
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  const int64_t row = xq.blocks * kBlock;
+  const int64_t row = xq.blocks * kBlock, subs = row / xq.sub, steps = xq.sub / 4;
   const int8_t* xrow = xq.q.data() + m0 * row;
-  for (int64_t b = 0; b < xq.blocks; ++b) {
+  for (int64_t k0 = 0; k0 < row; k0 += xq.sub) {
     __m512i dot[MR][NR];
     for (int m = 0; m < MR; ++m) {
-      const __m512i init = _mm512_set1_epi32(xq.bias[(m0 + m) * xq.blocks + b]);
+      const __m512i init = _mm512_set1_epi32(xq.bias[(m0 + m) * subs + k0 / xq.sub]);
       for (int r = 0; r < NR; ++r) dot[m][r] = init;
     }
-    const uint8_t* wb = panels + b * kBlock * kLanes;
-    const int8_t* xb = xrow + b * kBlock;
+    const uint8_t* wb = panels + k0 * kLanes;
+    const int8_t* xb = xrow + k0;
 #pragma GCC unroll 4
-    for (int64_t g = 0; g < kGroups; ++g) {
+    for (int64_t g = 0; g < steps; ++g) {
       __m512i wv[NR];
-      for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(wb + r * panel_bytes + g * 64);
+      for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(wb + r * w.panel_bytes + g * 64);
       for (int m = 0; m < MR; ++m) {
         int32_t four;
         std::memcpy(&four, xb + m * row + 4 * g, 4);
@@ -176,41 +182,44 @@ void VnniTile(const QuantizedRows& xq, int64_t m0, const uint8_t* panels, int64_
         for (int r = 0; r < NR; ++r) dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], wv[r], xv);
       }
     }
+    __m512 ws[NR];
+    if (kGrouped) GroupScales<NR>(w, k0, n0, ws);
     for (int m = 0; m < MR; ++m) {
-      const __m512 sx = _mm512_set1_ps(xq.scale[(m0 + m) * xq.blocks + b]);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][r]), sx, acc[m][r]);
+      const __m512 sx = _mm512_set1_ps(xq.scale[(m0 + m) * xq.blocks + k0 / kBlock]);
+      for (int r = 0; r < NR; ++r)
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][r]), kGrouped ? _mm512_mul_ps(sx, ws[r]) : sx,
+                                    acc[m][r]);
     }
   }
-  Store<MR, NR>(acc, scale, y + m0 * N, N, n0);
+  Store<MR, NR>(acc, kGrouped ? nullptr : w.scale, y + m0 * N, N, n0);
 }
 
-template <int NR>
-void VnniPanels(const QuantizedRows& xq, int64_t M, const uint8_t* panels, int64_t panel_bytes, const float* scale,
-                float* y, int64_t N, int64_t p) {
-  const uint8_t* w = panels + p * panel_bytes;
+// Every row of x (tiles of 4, then the rest) against NR panels from panel p.
+template <int NR, bool kGrouped>
+void VnniPanels(const QuantizedRows& xq, int64_t M, const Weight& w, float* y, int64_t N, int64_t p) {
+  const uint8_t* panels = w.panels + p * w.panel_bytes;
   const int64_t n0 = p * kLanes;
   int64_t m = 0;
   // 4 x NR int32 + 4 x NR float accumulators + NR weights + 1 broadcast fit the 32 zmm for NR <= 3.
-  for (; m + 4 <= M; m += 4) VnniTile<4, NR>(xq, m, w, panel_bytes, scale, y, N, n0);
+  for (; m + 4 <= M; m += 4) VnniTile<4, NR, kGrouped>(xq, m, w, panels, y, N, n0);
   switch (M - m) {
-    case 3: VnniTile<3, NR>(xq, m, w, panel_bytes, scale, y, N, n0); break;
-    case 2: VnniTile<2, NR>(xq, m, w, panel_bytes, scale, y, N, n0); break;
-    case 1: VnniTile<1, NR>(xq, m, w, panel_bytes, scale, y, N, n0); break;
+    case 3: VnniTile<3, NR, kGrouped>(xq, m, w, panels, y, N, n0); break;
+    case 2: VnniTile<2, NR, kGrouped>(xq, m, w, panels, y, N, n0); break;
+    case 1: VnniTile<1, NR, kGrouped>(xq, m, w, panels, y, N, n0); break;
     default: break;
   }
 }
 
-template <int NR>
-void ExactPanels(const float* x, int64_t M, int64_t K, const uint8_t* panels, int64_t panel_bytes,
-                 const float* scale, float* y, int64_t N, int64_t p) {
-  const uint8_t* w = panels + p * panel_bytes;
+template <int NR, bool kGrouped>
+void ExactPanels(const float* x, int64_t M, int64_t K, const Weight& w, float* y, int64_t N, int64_t p) {
+  const uint8_t* panels = w.panels + p * w.panel_bytes;
   const int64_t n0 = p * kLanes;
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) ExactTile<4, NR>(x + m * K, K, w, panel_bytes, scale, y + m * N, N, n0);
+  for (; m + 4 <= M; m += 4) ExactTile<4, NR, kGrouped>(x + m * K, K, w, panels, y + m * N, N, n0);
   switch (M - m) {
-    case 3: ExactTile<3, NR>(x + m * K, K, w, panel_bytes, scale, y + m * N, N, n0); break;
-    case 2: ExactTile<2, NR>(x + m * K, K, w, panel_bytes, scale, y + m * N, N, n0); break;
-    case 1: ExactTile<1, NR>(x + m * K, K, w, panel_bytes, scale, y + m * N, N, n0); break;
+    case 3: ExactTile<3, NR, kGrouped>(x + m * K, K, w, panels, y + m * N, N, n0); break;
+    case 2: ExactTile<2, NR, kGrouped>(x + m * K, K, w, panels, y + m * N, N, n0); break;
+    case 1: ExactTile<1, NR, kGrouped>(x + m * K, K, w, panels, y + m * N, N, n0); break;
     default: break;
   }
 }
@@ -225,27 +234,11 @@ int64_t PanelsPerChunk(int64_t panels, int64_t panel_bytes, int64_t threads) {
   return (n + kPanelsPerTile - 1) / kPanelsPerTile * kPanelsPerTile;
 }
 
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                       ffi::Buffer<ffi::F32> scale, int64_t n_out, int64_t vnni_min_rows,
-                       ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2)
-    return ffi::Error::InvalidArgument("qmatmul: want x [M, K] and packed w [panels, Kp * 16]");
-  const int64_t M = xd[0], K = xd[1], N = n_out, panels = wd[0], panel_bytes = wd[1];
-  const int64_t Kp = panel_bytes / kLanes;
-  if (panel_bytes % (kLanes * kBlock) || Kp < K || Kp >= K + kBlock || panels != (N + kLanes - 1) / kLanes ||
-      scale.element_count() != panels * kLanes)
-    return ffi::Error::InvalidArgument("qmatmul: packed weight does not match x [M, K] and n_out");
-  const float* xp = x.typed_data();
-  const uint8_t* wp = w.typed_data();
-  const float* sp = scale.typed_data();
-  float* yp = y->typed_data();
-  if (M == 0 || N == 0) return ffi::Error::Success();
-  if (K == 0) {
-    std::fill(yp, yp + M * N, 0.f);
-    return ffi::Error::Success();
-  }
-  const int64_t per_chunk = PanelsPerChunk(panels, panel_bytes, std::max<int64_t>(1, pool.num_threads()));
+template <bool kGrouped>
+void Run(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K, const Weight& w, float* yp, int64_t N,
+         int64_t vnni_min_rows) {
+  const int64_t panels = w.rows / kLanes;
+  const int64_t per_chunk = PanelsPerChunk(panels, w.panel_bytes, std::max<int64_t>(1, pool.num_threads()));
   const int64_t chunks = (panels + per_chunk - 1) / per_chunk;
   auto each_tile = [&](int64_t c, auto&& full, auto&& one) {
     const int64_t end = std::min(panels, (c + 1) * per_chunk);
@@ -255,19 +248,21 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   };
   if (M < vnni_min_rows) {
     ParallelFor(pool, chunks, [&](int64_t c) {
-      each_tile(c, [&](int64_t p) { ExactPanels<kPanelsPerTile>(xp, M, K, wp, panel_bytes, sp, yp, N, p); },
-                [&](int64_t p) { ExactPanels<1>(xp, M, K, wp, panel_bytes, sp, yp, N, p); });
+      each_tile(c, [&](int64_t p) { ExactPanels<kPanelsPerTile, kGrouped>(xp, M, K, w, yp, N, p); },
+                [&](int64_t p) { ExactPanels<1, kGrouped>(xp, M, K, w, yp, N, p); });
     });
-    return ffi::Error::Success();
+    return;
   }
+  const int64_t Kp = w.panel_bytes / kLanes;
   QuantizedRows xq;
   xq.blocks = Kp / kBlock;
+  xq.sub = kGrouped ? std::min(kBlock, w.group) : kBlock;
   xq.q.resize(M * Kp);
   xq.scale.resize(M * xq.blocks);
-  xq.bias.resize(M * xq.blocks);
+  xq.bias.resize(M * (Kp / xq.sub));
   auto quantize = [&](int64_t m) {
-    QuantizeRow(xp + m * K, K, xq.blocks, xq.q.data() + m * Kp, xq.scale.data() + m * xq.blocks,
-                xq.bias.data() + m * xq.blocks);
+    QuantizeRow(xp + m * K, K, xq.blocks, xq.sub, xq.q.data() + m * Kp, xq.scale.data() + m * xq.blocks,
+                xq.bias.data() + m * (Kp / xq.sub));
   };
   if (M * K >= (1 << 16)) {
     ParallelFor(pool, M, quantize);
@@ -275,9 +270,39 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     for (int64_t m = 0; m < M; ++m) quantize(m);
   }
   ParallelFor(pool, chunks, [&](int64_t c) {
-    each_tile(c, [&](int64_t p) { VnniPanels<kPanelsPerTile>(xq, M, wp, panel_bytes, sp, yp, N, p); },
-              [&](int64_t p) { VnniPanels<1>(xq, M, wp, panel_bytes, sp, yp, N, p); });
+    each_tile(c, [&](int64_t p) { VnniPanels<kPanelsPerTile, kGrouped>(xq, M, w, yp, N, p); },
+              [&](int64_t p) { VnniPanels<1, kGrouped>(xq, M, w, yp, N, p); });
   });
+}
+
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> wq,
+                       ffi::Buffer<ffi::F32> scale, int64_t n_out, int64_t vnni_min_rows,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = wq.dimensions(), sd = scale.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2)
+    return ffi::Error::InvalidArgument("qmatmul: want x [M, K], packed w [panels, Kp * 16], scale [groups, rows]");
+  const int64_t M = xd[0], K = xd[1], N = n_out;
+  Weight w{wq.typed_data(), wd[1], scale.typed_data(), wd[0] * kLanes, sd[0], 0};
+  const int64_t Kp = w.panel_bytes / kLanes;
+  if (w.panel_bytes % (kLanes * kBlock) || Kp < K || Kp >= K + kBlock || wd[0] != (N + kLanes - 1) / kLanes ||
+      sd[1] != w.rows || w.groups < 1)
+    return ffi::Error::InvalidArgument("qmatmul: packed weight does not match x [M, K] and n_out");
+  w.group = K / w.groups;
+  const bool grouped = w.groups > 1;
+  if (grouped && (K % w.groups || w.group % 4 || (kBlock % w.group && w.group % kBlock)))
+    return ffi::Error::InvalidArgument("qmatmul: weight groups must split K evenly into multiples of 4 that "
+                                       "divide 128 or are multiples of it");
+  float* yp = y->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(yp, yp + M * N, 0.f);
+    return ffi::Error::Success();
+  }
+  if (grouped) {
+    Run<true>(pool, x.typed_data(), M, K, w, yp, N, vnni_min_rows);
+  } else {
+    Run<false>(pool, x.typed_data(), M, K, w, yp, N, vnni_min_rows);
+  }
   return ffi::Error::Success();
 }
 
@@ -293,10 +318,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternlmQMatmulI8, QMatmulImpl,
                                   .Attr<int64_t>("vnni_min_rows")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// Whether this CPU runs the instructions the kernels use (the library is built with -march=native, but a cached
-// build may be loaded on another machine of a shared home).
-extern "C" int internlm_native_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
+extern "C" int internlm_native_supported() { return internlm_native::Supported(); }

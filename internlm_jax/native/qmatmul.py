@@ -38,11 +38,12 @@ LANES = 16  # output rows per packed panel (kLanes in qmatmul.cc: one zmm regist
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "scale"], meta_fields=["n", "k"])
 @dataclasses.dataclass
 class Int8Weight:
-  """A per-output-channel int8 weight [n, k] in the kernel's packed layout (see qmatmul.cc): panels of 16 output
-  rows, k padded to a multiple of BLOCK, each group of 4 along k stored as 16 rows x 4 bytes, + 128 (uint8).
-  Build with `pack`; `astype` gives back the dequantized [n, k] weight."""
+  """An int8 weight [n, k] in the kernel's packed layout (see qmatmul.cc): panels of 16 output rows, k padded
+  to a multiple of BLOCK, each group of 4 along k stored as 16 rows x 4 bytes, + 128 (uint8). One float scale
+  per output row and group of k / G consecutive inputs (G = 1: per output channel). Build with `pack`; `q` and
+  `astype` give back the [n, k] int8 and dequantized weights."""
   packed: jax.Array  # [ceil(n / 16), kp * 16] uint8
-  scale: jax.Array   # [ceil(n / 16) * 16] float32 (zero past n)
+  scale: jax.Array   # [G, ceil(n / 16) * 16] float32 (zero past n)
   n: int
   k: int
 
@@ -59,27 +60,37 @@ class Int8Weight:
     return (rows[:self.n, :self.k].astype(jnp.int32) - 128).astype(jnp.int8)
 
   def astype(self, dtype) -> jax.Array:
-    return self.q.astype(dtype) * self.scale[:self.n].astype(dtype)[:, None]
+    groups = self.scale.shape[0]
+    scale = jnp.repeat(self.scale[:, :self.n].T, self.k // groups, axis=1)  # [n, k]
+    return self.q.astype(dtype) * scale.astype(dtype)
+
+
+def group_ok(group: int, k: int) -> bool:
+  """Whether the kernel takes one scale per `group` consecutive inputs of a k-long row."""
+  return group == k or (k % group == 0 and group % 4 == 0 and (BLOCK % group == 0 or group % BLOCK == 0))
 
 
 def pack(q: jax.Array, scale: jax.Array) -> Int8Weight:
-  """int8 q [n, k] and per-row float scale [n] -> the packed `Int8Weight` (jit-able; done once at load time)."""
-  chex.assert_rank([q, scale], [2, 1])
+  """int8 q [n, k] and float scales [n] (per row) or [n, G] (per row and group of k / G inputs) -> the packed
+  `Int8Weight` (jit-able; done once at load time)."""
+  chex.assert_rank(q, 2)
   chex.assert_type([q], [jnp.int8])
   n, k = q.shape
-  if scale.shape[0] != n:
-    raise ValueError(f"qmatmul.pack: scale {scale.shape} for q {q.shape}")
+  scale = scale.reshape(n, -1) if scale.ndim == 1 else scale
+  if scale.ndim != 2 or scale.shape[0] != n or not group_ok(k // scale.shape[1], k) or k % scale.shape[1]:
+    raise ValueError(f"qmatmul.pack: scale {scale.shape} for q {q.shape}: want [n] or [n, G] with k / G a "
+                     f"multiple of 4 that divides {BLOCK} or is a multiple of it")
   npad, kpad = -n % LANES, -k % BLOCK
   u = jnp.pad(q.astype(jnp.int32) + 128, [(0, npad), (0, kpad)], constant_values=128).astype(jnp.uint8)
   panels, kp = (n + npad) // LANES, k + kpad
   packed = u.reshape(panels, LANES, kp // 4, 4).transpose(0, 2, 1, 3).reshape(panels, kp * LANES)
-  return Int8Weight(packed, jnp.pad(scale.astype(jnp.float32), (0, npad)), n, k)
+  return Int8Weight(packed, jnp.pad(scale.astype(jnp.float32).T, [(0, 0), (0, npad)]), n, k)
 
 
 def concat(weights: list[Int8Weight]) -> Int8Weight:
   """The weights' output rows stacked (one call instead of several on the same input): [sum n, k]."""
   q = jnp.concatenate([w.q for w in weights], axis=0)
-  return pack(q, jnp.concatenate([w.scale[:w.n] for w in weights]))
+  return pack(q, jnp.concatenate([w.scale[:, :w.n].T for w in weights], axis=0))
 
 
 def enabled_by_env() -> bool:
@@ -114,7 +125,7 @@ def vnni_min_rows() -> int:
 def qmatmul(x: jax.Array, w: Int8Weight, *, min_rows: int | None = None) -> jax.Array:
   """x [..., K] float32 @ w.T -> [..., N] float32 on the native kernel (call `available()` first). `min_rows`:
   rows of x from which the VNNI kernel runs (default `vnni_min_rows()`; a huge value forces the exact one)."""
-  chex.assert_rank([w.packed, w.scale], [2, 1])
+  chex.assert_rank([w.packed, w.scale], [2, 2])
   chex.assert_type([x, w.packed, w.scale], [jnp.float32, jnp.uint8, jnp.float32])
   N, K = w.shape
   if x.shape[-1] != K:

@@ -15,8 +15,8 @@ stay QArrays in the same [out, in] form; on one device they are dequantized a bl
 (separate arrays, so XLA cannot merge the converts into one), so the float copy of a block stays in cache
 instead of a whole dequantized matrix going through memory: XLA:CPU does not fuse an int8 -> float convert into
 a dot (measured: 12 int8 [2048, 768] matvecs 4.9 ms whole, 1.2 ms in blocks, 2.1 ms for the float32 ones).
-Better still, on one CPU device with float32 activations, per-channel int8 weights stay whole (native.qmatmul
-.Int8Weight, [out, in] int8 + scale [out]) and run on the native FFI kernel, which streams the int8 bytes once
+Better still, on one CPU device with float32 activations, int8 weights stay whole (native.qmatmul.Int8Weight,
+[out, in] int8 with a scale per row, or per row and head for wo) and run on the native FFI kernel, which streams the int8 bytes once
 (native/qmatmul.py; falls back to the blocks when it cannot be built). int4 keeps the blocks.
 
 Numerics follow model._block (same products, dtypes and rope), so paged logits equal `model.forward`.
@@ -36,6 +36,7 @@ from internlm_jax import attention as attention_lib
 from internlm_jax import layers
 from internlm_jax.config import ModelConfig
 from internlm_jax.model import _embed
+from internlm_jax.native import decode_attention as native_attention
 from internlm_jax.native import qmatmul
 from internlm_jax.quant import QArray
 from internlm_jax.serve.kv_cache import SCRATCH_PAGE, PagedKVCache
@@ -52,7 +53,7 @@ _BLOCK_ELEMENTS = 1 << 18  # a quantized weight's row block: 1 MB dequantized (b
 
 def _serving_weight(w, perm, n_out, blocks: bool = False, native: bool = False):
   """One per-layer weight -> [out, in] (dense) or a QArray with q [out, m, g], scale [out, m, 1]; with `native`
-  a per-channel int8 one becomes an Int8Weight (q [out, in], scale [out]); else with `blocks` a quantized one
+  an int8 one becomes an Int8Weight (q [out, in], a scale per row and quantization group); else with `blocks` a quantized one
   becomes a tuple of QArrays of consecutive rows, ~_BLOCK_ELEMENTS each."""
   if not isinstance(w, QArray):
     w = jnp.transpose(w, perm)
@@ -63,8 +64,8 @@ def _serving_weight(w, perm, n_out, blocks: bool = False, native: bool = False):
   q, scale = jnp.transpose(w.q, qperm), jnp.transpose(w.scale, qperm)
   out = math.prod(q.shape[:n_out])
   w = QArray(q.reshape(out, -1, q.shape[-1]), scale.reshape(out, -1, 1), -2)
-  if native and w.q.dtype == jnp.int8 and w.q.shape[1] == 1:
-    return qmatmul.pack(w.q.reshape(out, -1), w.scale.reshape(out))
+  if native and w.q.dtype == jnp.int8 and qmatmul.group_ok(w.q.shape[2], w.q.shape[1] * w.q.shape[2]):
+    return qmatmul.pack(w.q.reshape(out, -1), w.scale.reshape(out, -1))
   if not blocks:
     return w
   size = w.shape[1]
@@ -85,7 +86,7 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
   """Model params (stacked [L, ...] layers, float or quant.QArray weights) -> the serving layout: "layers" a tuple
   of per-layer dicts, matmul weights [out, in]. Without a mesh, quantized weights are split into row blocks
   (dequantized one at a time in `linear`); on `mesh` they stay whole and everything is placed with the weights'
-  logical-axis shardings. Without a mesh, on CPU, with float32 activations, per-channel int8 weights become
+  logical-axis shardings. Without a mesh, on CPU, with float32 activations, int8 weights become
   Int8Weights for the native kernel when it is available (`native_int8`)."""
   is_q = lambda x: isinstance(x, QArray)
   stacked, blocks = params["layers"], mesh is None
@@ -114,7 +115,7 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
 
 
 def native_int8(params, config: ModelConfig, mesh=None) -> bool:
-  """Whether `serving_params` gives per-channel int8 weights to the native kernel: one device (the kernel is
+  """Whether `serving_params` gives int8 weights to the native kernel: one device (the kernel is
   not partitioned), float32 activations, int8 weights present, and the kernel built (compiled on first use)."""
   has_int8 = any(isinstance(x, QArray) and x.q.dtype == jnp.int8
                  for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)))
@@ -243,10 +244,13 @@ def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *,
   return _head(params, x, config, rules), cache
 
 
-def _decode_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale, *, use_kernel: bool):
+def _decode_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale, *, use_kernel: bool,
+                      native: bool = False):
   if use_kernel:
     from kernels.paged_attention import paged_attention
     return paged_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale)
+  if native and native_attention.available() and native_attention.supports(q, k_pages):
+    return native_attention.decode_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale).astype(q.dtype)
   return paged_attention_reference(q, k_pages, v_pages, table, lengths, k_scale, v_scale)
 
 
@@ -258,7 +262,9 @@ def decode_attention(q, cache: PagedKVCache, i: int, table, lengths, *, use_kern
   scales = (cache.k_scale[i], cache.v_scale[i]) if cache.quantized else (None, None)
   fn = functools.partial(_decode_attention, use_kernel=use_kernel)
   axis = None if rules is None else rules.kv_heads
-  if mesh is None or axis is None or all(mesh.shape[a] == 1 for a in ((axis,) if isinstance(axis, str) else axis)):
+  if mesh is None:  # one device on CPU: the native kernel reads the pages in place (native/decode_attention.py)
+    return fn(q, cache.k[i], cache.v[i], table, lengths, *scales, native=True)
+  if axis is None or all(mesh.shape[a] == 1 for a in ((axis,) if isinstance(axis, str) else axis)):
     return fn(q, cache.k[i], cache.v[i], table, lengths, *scales)
   heads, pages, scale = P(None, axis, None), P(axis, None, None, None), P(axis, None, None)
   scale_specs = (scale, scale) if cache.quantized else (None, None)
