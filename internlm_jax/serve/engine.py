@@ -48,7 +48,7 @@ class EngineConfig:
   steps_per_call: int = 8  # decode steps per host round trip
   min_decode_bucket: int = 8  # fewest rows a decode call runs (see the module docstring); max_slots: no buckets
   prefix_caching: bool = True
-  attention_kernel: bool | None = None  # Pallas paged attention; default on GPU/TPU, pure-JAX reference on CPU
+  attention_kernel: bool | None = None  # Pallas paged attention; default on GPU/TPU (CPU: native/decode_attention)
   sample_vocab: int | None = None  # sample only ids below this (a tokenizer smaller than the padded model vocab)
 
 
