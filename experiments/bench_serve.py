@@ -8,8 +8,10 @@ One run measures: (a) our Engine's decode tokens/s at batch 1 and 32 (greedy, af
 memory-bandwidth utilisation against the bandwidth a jitted matvec over a weight-sized array reaches (the read
 pattern of a batch-1 decode step); float32 and int8 weights (int8: the native FFI kernel when it builds, see
 native/qmatmul.py; INTERNLM_JAX_NATIVE=0 times the pure-JAX path). (b) transformers' LlamaForCausalLM.generate
-on the same weights (PyTorch CPU), same prompts and lengths. (c) the Scheduler in-process under Poisson arrivals of
-requests with a ShareGPT-like (log-normal) spread of prompt and output lengths, against static batching (batches
+on the same weights (PyTorch CPU), same prompts and lengths, in float32 and with PyTorch dynamic int8 Linear
+layers (per-channel weights: the int8 peer of our int8 engine, bench_peers.quantize_int8). (c) the Scheduler
+in-process under Poisson arrivals of requests with a ShareGPT-like (log-normal) spread of prompt and output
+lengths, against static batching (batches
 formed from what is waiting, run until their longest member ends) on the same engine and trace; the ratio is
 throughput at a p99 TTFT objective (internlm_jax/serve/bench_load.py says how). (d) llama.cpp
 (llama-cpp-python) decoding the same weights exported to GGUF (f32 and q8_0) at batch 1. Peers that are not
@@ -124,14 +126,20 @@ TABLE = [("bandwidth (best of matvec/sum)", "bandwidth_gbps", " GB/s"),
          ("ours batch 1 int8", "decode_tokens_per_sec_batch1_int8", " tok/s"),
          ("ours batch 32", "decode_tokens_per_sec_batch32", " tok/s"),
          ("ours batch 32 int8", "decode_tokens_per_sec_batch32_int8", " tok/s"),
+         ("  ours int8 logits rel err vs f32", "int8_logits_rel_err", ""),
          ("transformers batch 1", "transformers_tokens_per_sec_batch1", " tok/s"),
          ("transformers batch 32", "transformers_tokens_per_sec_batch32", " tok/s"),
+         ("transformers int8 batch 1", "transformers_int8_tokens_per_sec_batch1", " tok/s"),
+         ("transformers int8 batch 32", "transformers_int8_tokens_per_sec_batch32", " tok/s"),
+         ("  torch int8 logits rel err vs f32", "transformers_int8_logits_rel_err", ""),
          ("llama.cpp f32 batch 1", "llamacpp_tokens_per_sec_batch1_f32", " tok/s"),
          ("llama.cpp q8_0 batch 1", "llamacpp_tokens_per_sec_batch1_q8_0", " tok/s"),
          ("ours / llama.cpp f32, b1", "vs_llamacpp_batch1", "x"),
          ("ours int8 / llama.cpp q8_0, b1", "vs_llamacpp_batch1_int8_vs_q8_0", "x"),
          ("ours / transformers, b32", "speedup_vs_transformers_batch32", "x"),
          ("ours int8 / transformers f32, b32", "speedup_vs_transformers_batch32_int8", "x"),
+         ("ours int8 / transformers int8, b1", "speedup_vs_transformers_int8_batch1", "x"),
+         ("ours int8 / transformers int8, b32", "speedup_vs_transformers_int8_batch32", "x"),
          ("continuous / static at the SLO", "continuous_vs_static", "x output tok/s"),
          ("continuous / static saturated", "continuous_vs_static_saturated", "x output tok/s")]
 
@@ -153,6 +161,9 @@ def main(argv):
          "params": config.num_params(), "prompt_len": P, "new_tokens": N, "steps_per_call": S}
   for key in ("transformers_tokens_per_sec_batch1", "transformers_tokens_per_sec_batch32",
               "speedup_vs_transformers_batch32", "speedup_vs_transformers_batch32_int8",
+              "transformers_int8_tokens_per_sec_batch1", "transformers_int8_tokens_per_sec_batch32",
+              "speedup_vs_transformers_int8_batch1", "speedup_vs_transformers_int8_batch32",
+              "transformers_int8_logits_rel_err", "transformers_int8_error",
               "llamacpp_tokens_per_sec_batch1_f32",
               "llamacpp_tokens_per_sec_batch1_q8_0", "vs_llamacpp_batch1", "vs_llamacpp_batch1_int8_vs_q8_0",
               "continuous_vs_static", "continuous_vs_static_saturated"):
@@ -170,7 +181,7 @@ def main(argv):
   tps1, ours_tokens, ours_logits = bench_engine(config, params, prompts[:1], N, S)
   tps32, _, _ = bench_engine(config, params, prompts, N, S)
   q8 = quant.quantize_params(params, "int8")
-  tps1_q8, _, _ = bench_engine(config, q8, prompts[:1], N, S)
+  tps1_q8, _, ours_q8_logits = bench_engine(config, q8, prompts[:1], N, S)
   tps32_q8, _, _ = bench_engine(config, q8, prompts, N, S)
   peak = max(bw.values()) * 1e9
   res.update(bandwidth_gbps=peak / 1e9, bandwidth_detail=bw, decode_tokens_per_sec_batch1=tps1,
@@ -179,7 +190,8 @@ def main(argv):
              native_vnni_min_rows=qmatmul.vnni_min_rows(),
              mbu_batch1=decode_bytes(config, params, 1, P + N // 2) * tps1 / peak,
              mbu_batch1_int8=decode_bytes(config, q8, 1, P + N // 2) * tps1_q8 / peak,
-             mbu_batch32=decode_bytes(config, params, 32, P + N // 2) * tps32 / 32 / peak)
+             mbu_batch32=decode_bytes(config, params, 32, P + N // 2) * tps32 / 32 / peak,
+             int8_logits_rel_err=_rel_err(ours_q8_logits, ours_logits))
   save("ours")
 
   if TORCH.value and "decode" in SECTIONS.value:
@@ -192,9 +204,11 @@ def main(argv):
     res.update(transformers_tokens_per_sec_batch1=t1, transformers_tokens_per_sec_batch32=t32,
                transformers_threads=[th1, th32], speedup_vs_transformers_batch1=tps1 / t1,
                speedup_vs_transformers_batch32=tps32 / t32, speedup_vs_transformers_batch32_int8=tps32_q8 / t32,
-               transformers_logits_rel_err=float(np.abs(theirs - ours_logits).max() / np.abs(theirs).max()))
-    del model
+               transformers_logits_rel_err=_rel_err(ours_logits, theirs))
     save("transformers")
+    res.update(_transformers_int8(model, prompts, N, theirs, tps1_q8, tps32_q8))
+    del model
+    save("transformers int8")
 
   try:
     import llama_cpp  # noqa: F401
@@ -216,6 +230,32 @@ def main(argv):
   if "load" not in SECTIONS.value:
     return _print_table(config, res)
   _load_section(config, params, rng, res, save)
+
+
+def _rel_err(logits, reference) -> float:
+  import numpy as np
+  return float(np.abs(logits - reference).max() / np.abs(reference).max())
+
+
+def _transformers_int8(model, prompts, new_tokens, f32_logits, tps1_q8, tps32_q8) -> dict:
+  """(b) again with the float32 model's Linear layers quantized in place to PyTorch dynamic int8 (per channel),
+  timed like the float32 peer; its first-step logits against the float32 peer's show a broken quantization. A
+  torch build without dynamic quantization leaves the keys null and says why in transformers_int8_error."""
+  import torch
+  from internlm_jax.serve.bench_peers import bench_transformers, quantize_int8
+  try:
+    model, scheme = quantize_int8(model)
+    with torch.no_grad():
+      logits = model(input_ids=torch.tensor(prompts[:1])).logits[0, -1].numpy()
+    t1, th1 = bench_transformers(model, prompts[:1], new_tokens)
+    t32, th32 = bench_transformers(model, prompts, new_tokens)
+  except Exception as e:  # noqa: BLE001 -- reported, not fatal: the other peers still run
+    print(f"transformers int8 failed: {type(e).__name__}: {e}", flush=True)
+    return {"transformers_int8_error": f"{type(e).__name__}: {e}"}
+  return {"transformers_int8_tokens_per_sec_batch1": t1, "transformers_int8_tokens_per_sec_batch32": t32,
+          "transformers_int8_threads": [th1, th32], "transformers_int8_scheme": scheme,
+          "transformers_int8_logits_rel_err": _rel_err(logits, f32_logits),
+          "speedup_vs_transformers_int8_batch1": tps1_q8 / t1, "speedup_vs_transformers_int8_batch32": tps32_q8 / t32}
 
 
 def _load_section(config, params, rng, res, save):
@@ -250,7 +290,11 @@ def _load_section(config, params, rng, res, save):
 def _print_table(config, res):
   print(f"\n125M Llama shape ({config.num_params() / 1e6:.0f}M params), {res['machine']}")
   for name, key, unit in TABLE:
-    print(f"  {name:<32} {'-' if res.get(key) is None else f'{res[key]:,.2f}{unit}'}")
+    value = res.get(key)
+    text = "-" if value is None else f"{value:.2g}{unit}" if key.endswith("_err") else f"{value:,.2f}{unit}"
+    print(f"  {name:<36} {text}")
+  if res.get("transformers_int8_error"):
+    print(f"  transformers int8 failed: {res['transformers_int8_error']}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Peers for experiments/bench_serve.py: transformers' LlamaForCausalLM and llama.cpp (llama-cpp-python) decoding
-our weights (float32 LlamaForCausalLM; GGUF f32 / q8_0 via serve/gguf.py), timed the same way as our engine."""
+our weights (float32 LlamaForCausalLM, and the same with PyTorch dynamic int8 Linear layers; GGUF f32 / q8_0 via
+serve/gguf.py), timed the same way as our engine."""
 import os
 import time
 
@@ -33,6 +34,29 @@ def llama_model(config, params):
   model = transformers.LlamaForCausalLM(hf).float().eval()
   model.load_state_dict(state, strict=True)
   return model
+
+
+def quantize_int8(model):
+  """`model` with every nn.Linear (q/k/v/o, gate/up/down, lm_head: the matmuls our int8 mode quantizes; the
+  embedding stays float32 in both) replaced in place by PyTorch's dynamic int8 Linear: int8 weights per output
+  channel (symmetric, per_channel_dynamic_qconfig), activations quantized per call (uint8 with reduce_range, i.e.
+  7 bits, one scale per tensor), on the default quantized engine (x86: fbgemm kernels for linear) -> (model, a
+  description). Raises when the build lacks dynamic quantization or a Linear was left float."""
+  import warnings
+  import torch
+  from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+  from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+  with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao (not installed)
+    warnings.simplefilter("ignore")
+    model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+  linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+  quantized = [m for m in model.modules() if isinstance(m, DynamicLinear)]
+  if linears or not quantized:
+    raise RuntimeError(f"quantize_dynamic left {len(linears)} float Linear layers, made {len(quantized)} int8 ones")
+  scheme = str(quantized[0].weight().qscheme()).removeprefix("torch.")
+  engine = torch.backends.quantized.engine
+  return model, (f"torch.ao dynamic int8: {len(quantized)} Linear layers, weights qint8 {scheme} (symmetric, "
+                 f"per output channel), activations quint8 per tensor per call (reduce_range: 7 bits), engine {engine}")
 
 
 def _thread_counts():

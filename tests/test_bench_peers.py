@@ -1,0 +1,35 @@
+"""The transformers peers of experiments/bench_serve.py on a tiny model: the int8 peer really is int8 (every
+Linear replaced, weights per output channel), stays close to the float32 peer, and generates under the timer."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from internlm_jax.serve.bench_peers import bench_transformers, llama_model, quantize_int8  # noqa: E402
+from internlm_jax.serve.testing import tiny_model  # noqa: E402
+
+
+def test_int8_peer_quantizes_every_linear_per_channel_and_tracks_float32():
+  from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+  config, params = tiny_model()
+  model = llama_model(config, params)
+  ids = torch.tensor([[5, 6, 7, 8, 9]])
+  with torch.no_grad():
+    f32 = model(input_ids=ids).logits[0, -1].numpy()
+  model, scheme = quantize_int8(model)
+  assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+  quantized = [m for m in model.modules() if isinstance(m, DynamicLinear)]
+  assert len(quantized) == 7 * config.num_layers + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+  weight = model.lm_head.weight()
+  assert weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+  assert weight.q_per_channel_scales().shape == (config.vocab_size,)
+  assert int(weight.q_per_channel_zero_points().abs().max()) == 0  # symmetric
+  assert "per_channel" in scheme
+  with torch.no_grad():
+    int8 = model(input_ids=ids).logits[0, -1].numpy()
+  err = np.abs(int8 - f32).max() / np.abs(f32).max()
+  assert 0 < err < 0.1, err  # changed by quantization, but not broken
+
+  tokens_per_sec, threads = bench_transformers(model, [[5, 6, 7, 8]] * 2, 4)
+  assert tokens_per_sec > 0 and threads >= 1
