@@ -67,3 +67,28 @@ def load(name: str) -> ctypes.CDLL:
       if os.path.exists(tmp):
         os.unlink(tmp)
   return ctypes.CDLL(str(target))
+
+
+def register(name: str, targets: dict[str, str], state: dict) -> bool:
+  """Builds and loads `name`.cc once and registers its FFI handlers (target name -> exported symbol) on the CPU
+  platform. `state` (the caller's module dict) remembers the outcome; a failure (no compiler, a failed build, a
+  CPU without the instructions) warns once, and the caller keeps its pure-JAX path."""
+  if "ok" not in state:
+    import logging
+    import warnings
+
+    import jax
+    try:
+      lib = load(name)
+      if not lib.internlm_native_supported():
+        raise RuntimeError("this CPU lacks AVX-512 (F, BW, VL) or AVX512-VNNI")
+      for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+      state["ok"] = True
+    except Exception as e:
+      state["ok"] = False
+      state["error"] = str(e)
+      warnings.warn(f"internlm_jax native {name} unavailable, using the pure-JAX path: {e}", stacklevel=3)
+    else:
+      logging.info("internlm_jax native %s loaded", name)
+  return bool(state["ok"])

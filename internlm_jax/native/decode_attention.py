@@ -9,9 +9,6 @@ Disable with INTERNLM_JAX_NATIVE=0 (the engine then runs the reference).
 """
 from __future__ import annotations
 
-import logging
-import warnings
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -29,21 +26,7 @@ def available() -> bool:
   failure is reported once as a warning; the caller then keeps the pure-JAX reference."""
   if not qmatmul.enabled_by_env() or jax.default_backend() != "cpu":
     return False
-  if "ok" not in _state:
-    try:
-      lib = build.load("decode_attention")
-      if not lib.internlm_native_supported():
-        raise RuntimeError("this CPU lacks AVX-512 (F, BW, VL) or AVX512-VNNI")
-      for target, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-      _state["ok"] = True
-    except Exception as e:  # no compiler, a failed build, an unsupported CPU: keep the reference
-      _state["ok"] = False
-      _state["error"] = str(e)
-      warnings.warn(f"internlm_jax native decode attention unavailable, using the pure-JAX path: {e}", stacklevel=2)
-    else:
-      logging.info("internlm_jax native decode attention loaded")
-  return bool(_state["ok"])
+  return build.register("decode_attention", _TARGETS, _state)
 
 
 def supports(q: jax.Array, k_pages: jax.Array) -> bool:

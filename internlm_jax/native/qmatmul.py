@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
-import warnings
 
 import chex
 import jax
@@ -102,20 +100,7 @@ def available() -> bool:
   The first failure is reported once as a warning; the caller then keeps the pure-JAX path."""
   if not enabled_by_env() or jax.default_backend() != "cpu":
     return False
-  if "ok" not in _state:
-    try:
-      lib = build.load("qmatmul")
-      if not lib.internlm_native_supported():
-        raise RuntimeError("this CPU lacks AVX-512 (F, BW, VL) or AVX512-VNNI")
-      jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.InternlmQMatmulI8), platform="cpu")
-      _state["ok"] = True
-    except Exception as e:  # no compiler, a failed build, an unsupported CPU: keep the pure-JAX path
-      _state["ok"] = False
-      _state["error"] = str(e)
-      warnings.warn(f"internlm_jax native int8 matmul unavailable, using the pure-JAX path: {e}", stacklevel=2)
-    else:
-      logging.info("internlm_jax native int8 matmul loaded")
-  return bool(_state["ok"])
+  return build.register("qmatmul", {_TARGET: "InternlmQMatmulI8"}, _state)
 
 
 def vnni_min_rows() -> int:

@@ -37,7 +37,7 @@ from internlm_jax import layers
 from internlm_jax.config import ModelConfig
 from internlm_jax.model import _embed
 from internlm_jax.native import decode_attention as native_attention
-from internlm_jax.native import qmatmul
+from internlm_jax.native import fmatmul, qmatmul
 from internlm_jax.quant import QArray
 from internlm_jax.serve.kv_cache import SCRATCH_PAGE, PagedKVCache
 from internlm_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
@@ -51,13 +51,14 @@ _LAYOUT = {"wqkv": ((1, 2, 3, 0), 3, ("kv_heads", "embed")), "wo": ((2, 0, 1), 1
 _BLOCK_ELEMENTS = 1 << 18  # a quantized weight's row block: 1 MB dequantized (best measured at batch 1 and 32)
 
 
-def _serving_weight(w, perm, n_out, blocks: bool = False, native: bool = False):
+def _serving_weight(w, perm, n_out, blocks: bool = False, native: bool = False, native_f32: bool = False):
   """One per-layer weight -> [out, in] (dense) or a QArray with q [out, m, g], scale [out, m, 1]; with `native`
   an int8 one becomes an Int8Weight (q [out, in], a scale per row and quantization group); else with `blocks` a quantized one
   becomes a tuple of QArrays of consecutive rows, ~_BLOCK_ELEMENTS each."""
   if not isinstance(w, QArray):
     w = jnp.transpose(w, perm)
-    return w.reshape(math.prod(w.shape[:n_out]), -1)
+    w = w.reshape(math.prod(w.shape[:n_out]), -1)
+    return fmatmul.F32Weight(w) if native_f32 and w.dtype == jnp.float32 else w
   c = w.q.ndim + w.group_axis  # q's (groups, group) axes are c, c + 1; dense axis c is the contraction
   assert perm[-1] == c, "the quantized (contraction) axis must end up last"
   qperm = [a for d in perm for a in ((d,) if d < c else (c, c + 1) if d == c else (d + 1,))]
@@ -87,19 +88,21 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
   of per-layer dicts, matmul weights [out, in]. Without a mesh, quantized weights are split into row blocks
   (dequantized one at a time in `linear`); on `mesh` they stay whole and everything is placed with the weights'
   logical-axis shardings. Without a mesh, on CPU, with float32 activations, int8 weights become
-  Int8Weights for the native kernel when it is available (`native_int8`)."""
+  Int8Weights for the native kernel when it is available (`native_int8`), and float32 ones F32Weights, which
+  take the native kernel for steps of at most fmatmul.MAX_ROWS rows (`native_float32`)."""
   is_q = lambda x: isinstance(x, QArray)
   stacked, blocks = params["layers"], mesh is None
   native = native_int8(params, config, mesh)
+  native_f32 = native_float32(config, mesh)
 
   @jax.jit
   def one_layer(stacked, i):
     layer = jax.tree.map(lambda w: w[i], stacked)
-    return {k: (_serving_weight(w, *_LAYOUT[k][:2], blocks, native) if k in _LAYOUT else w)
+    return {k: (_serving_weight(w, *_LAYOUT[k][:2], blocks, native, native_f32) if k in _LAYOUT else w)
             for k, w in layer.items()}
 
-  out = {"embed": params["embed"], "norm": params["norm"],
-         "output": jax.jit(lambda w: _serving_weight(w, *_LAYOUT["output"][:2], blocks, native))(params["output"]),
+  head = lambda w: _serving_weight(w, *_LAYOUT["output"][:2], blocks, native, native_f32)
+  out = {"embed": params["embed"], "norm": params["norm"], "output": jax.jit(head)(params["output"]),
          "layers": tuple(one_layer(stacked, i) for i in range(config.num_layers))}
   if mesh is None:
     return out
@@ -112,6 +115,11 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
     return rules.sharding(mesh, (None,) * w.ndim)
   shardings = jax.tree_util.tree_map_with_path(sharding, out, is_leaf=is_q)
   return jax.device_put(out, shardings)
+
+
+def native_float32(config: ModelConfig, mesh=None) -> bool:
+  """Whether `serving_params` marks float32 weights for the native few-row kernel (one device, float32)."""
+  return mesh is None and jnp.dtype(config.dtype) == jnp.float32 and fmatmul.available()
 
 
 def native_int8(params, config: ModelConfig, mesh=None) -> bool:
@@ -130,6 +138,8 @@ def linear(x, w, dtype):
     return jnp.einsum("...i,oi->...o", x, w.astype(dtype))
   if isinstance(w, tuple):  # blocks of a quantized weight: each dequantized copy stays in cache for its dot
     return jnp.concatenate([linear(x, block, dtype) for block in w], axis=-1)
+  if isinstance(w, fmatmul.F32Weight) and dtype == jnp.float32:
+    return fmatmul.linear(x, w)
   return jnp.einsum("...i,oi->...o", x, w.astype(dtype))
 
 

@@ -1,0 +1,78 @@
+"""Native float32 few-row matmul (XLA FFI, built on first use) against XLA's dot, and the engine's batch-1
+float32 decode through it against the pure-JAX path."""
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from internlm_jax.native import build, fmatmul
+from internlm_jax.serve import paged_model
+from internlm_jax.serve.engine import Engine, EngineConfig
+from internlm_jax.serve.sampling import SamplingParams
+from internlm_jax.serve.testing import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _native_on(monkeypatch):
+  monkeypatch.delenv("INTERNLM_JAX_NATIVE", raising=False)
+
+
+@pytest.fixture
+def native():
+  text = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+  if not (build.compiler() and jax.default_backend() == "cpu"
+          and all(f in text for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))):
+    pytest.skip("needs a C++ compiler and an AVX512-VNNI CPU")
+  assert fmatmul.available(), fmatmul._state.get("error")
+  return fmatmul
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 37, 100), (4, 64, 768), (3, 5, 7), (9, 130, 33), (2, 1, 16)])
+def test_matches_xla_and_rows_are_independent(native, M, N, K):
+  x = jax.random.normal(jax.random.key(M), (M, K))
+  w = jax.random.normal(jax.random.key(N), (N, K))
+  y = np.asarray(jax.jit(native.fmatmul)(x, w))
+  ref = np.asarray(jnp.einsum("mk,nk->mn", x, w, precision="highest"))
+  np.testing.assert_allclose(y, ref, atol=2e-6 * np.abs(ref).max(), rtol=0)
+  for m in range(M):  # a row's result does not depend on the rows beside it
+    np.testing.assert_array_equal(np.asarray(jax.jit(native.fmatmul)(x[m:m + 1], w))[0], y[m])
+
+
+def test_linear_dispatch_and_errors(native):
+  w = fmatmul.F32Weight(jax.random.normal(jax.random.key(0), (24, 40)))
+  few, many = jnp.ones((1, 3, 40)), jnp.ones((2, 8, 40))
+  assert "internlm_jax_fmatmul" in str(jax.jit(fmatmul.linear).lower(few, w).as_text())
+  assert "internlm_jax_fmatmul" not in str(jax.jit(fmatmul.linear).lower(many, w).as_text())
+  np.testing.assert_allclose(fmatmul.linear(few, w), few @ w.w.T, rtol=1e-5)
+  with pytest.raises(ValueError, match="fmatmul"):
+    native.fmatmul(jnp.ones((2, 41)), w.w)
+
+
+def _greedy(config, params, n=8):
+  ec = EngineConfig(max_slots=1, max_seq_len=64, page_size=8, prefill_chunk=16, steps_per_call=4)
+  engine = Engine(params, config, ec)
+  prompt = np.random.RandomState(7).randint(3, 1000, size=13).tolist()
+  state, prefix = engine.prefill(engine.init_state(), prompt)
+  state = engine.insert(prefix, state, 0, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), [],
+                        seed=0)
+  tokens = []
+  for _ in range(n // 4):
+    engine.reserve(0, 4)
+    state, result = engine.generate(state)
+    tokens += result.tokens[:, 0].tolist()
+  return engine, tokens, np.asarray(state.slots.logits)
+
+
+def test_engine_batch1_float32_decode_equals_the_pure_jax_path(native, monkeypatch):
+  config, params = tiny_model()
+  engine, tokens, logits = _greedy(config, params)
+  assert isinstance(engine.params["layers"][0]["w1"], fmatmul.F32Weight)
+  assert isinstance(engine.params["output"], fmatmul.F32Weight)
+  monkeypatch.setenv("INTERNLM_JAX_NATIVE", "0")
+  assert not paged_model.native_float32(config)
+  engine, ref_tokens, ref_logits = _greedy(config, params)
+  assert not isinstance(engine.params["layers"][0]["w1"], fmatmul.F32Weight)
+  assert tokens == ref_tokens
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
