@@ -39,6 +39,8 @@ SLO = flags.DEFINE_float("slo_ttft_p99_s", 20.0, "load: the p99 time-to-first-to
 STATIC_WAIT = flags.DEFINE_float("static_wait_s", 0.0, "load: how long static batching waits for a batch to fill")
 MIN_BUCKET = flags.DEFINE_integer("min_decode_bucket", 8, "load: the engine's smallest decode bucket (= --slots: "
                                   "no buckets, every decode call runs all slots)")
+LOAD_QUANT = flags.DEFINE_enum("load_quant", "none", ["none", "int8"], "load: weights of both systems' engine "
+                                "(int8: per-channel, the native kernels on CPU)")
 MERGE = flags.DEFINE_list("merge_load", [], "load: JSON outputs of earlier runs (same seed and requests) whose rates "
                           "join this run's before the ratio is computed")
 TORCH = flags.DEFINE_bool("torch", True, "time transformers generate")
@@ -264,6 +266,9 @@ def _load_section(config, params, rng, res, save):
   from internlm_jax.serve import bench_load as bl
   from internlm_jax.serve.testing import tiny_tokenizer
   work = bl.sharegpt_like(REQUESTS.value, rng, config.vocab_size)
+  if LOAD_QUANT.value != "none":
+    from internlm_jax.quant import quantize_params
+    params = quantize_params(params, LOAD_QUANT.value)
   engine, capacity = bl.load_engine(config, params, work, SLOTS.value, STEPS.value, MIN_BUCKET.value)
   rates = ([r * capacity for r in (0.5, 1.0, 2.0)] if RATES.value == "auto"
            else [float(r) for r in RATES.value.split(",")])
@@ -275,12 +280,13 @@ def _load_section(config, params, rng, res, save):
     with open(path) as f:
       earlier = json.load(f)
     assert earlier["load_requests"] == len(work), f"{path}: another trace"
+    assert earlier.get("load_quant", "none") == LOAD_QUANT.value, f"{path}: other weights"
     runs += earlier.get("load_raw", earlier["load"])
   raw, runs = runs, bl.median_by_rate(runs)  # rates run more than once count by their medians
   ratios = bl.continuous_vs_static(runs, SLO.value)
   res.update(load_requests=len(work), load_prompt_mean=float(np.mean([len(p) for p, _ in work])),
              load_output_mean=float(np.mean([o for _, o in work])), load_slots=SLOTS.value,
-             load_min_decode_bucket=MIN_BUCKET.value,
+             load_min_decode_bucket=MIN_BUCKET.value, load_quant=LOAD_QUANT.value,
              load_static_wait_s=STATIC_WAIT.value, load_static_capacity_estimate=capacity, load=runs, load_raw=raw,
              **ratios)
   save("load")
