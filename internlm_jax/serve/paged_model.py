@@ -16,8 +16,11 @@ stay QArrays in the same [out, in] form; on one device they are dequantized a bl
 instead of a whole dequantized matrix going through memory: XLA:CPU does not fuse an int8 -> float convert into
 a dot (measured: 12 int8 [2048, 768] matvecs 4.9 ms whole, 1.2 ms in blocks, 2.1 ms for the float32 ones).
 Better still, on one CPU device with float32 activations, int8 weights stay whole (native.qmatmul.Int8Weight,
-[out, in] int8 with a scale per row, or per row and head for wo) and run on the native FFI kernel, which streams the int8 bytes once
-(native/qmatmul.py; falls back to the blocks when it cannot be built). int4 keeps the blocks.
+packed once, with a scale per row, or per row and head for wo) and run on the native FFI kernel, which streams
+the int8 bytes once (native/qmatmul.py; falls back to the blocks when it cannot be built). int4 keeps the
+blocks. float32 weights become native.fmatmul.F32Weight there: steps of a few rows (batch-1 decode) take a
+native kernel, more rows XLA's dot. Decode attention on one CPU device reads the pages in place
+(native/decode_attention.py; the gather-based reference elsewhere).
 
 Numerics follow model._block (same products, dtypes and rope), so paged logits equal `model.forward`.
 Idle slots and padding tokens write their keys/values to the scratch page 0 and attend to nothing.
