@@ -53,6 +53,8 @@ def load(name: str) -> ctypes.CDLL:
                        + cxx.encode()).hexdigest()[:16]
   target = cache_dir() / f"{name}-{key}.so"
   if not target.exists():
+    import logging
+    logging.info("compiling the native kernel %s (first use, a few seconds; cached as %s)", name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
     os.close(fd)
