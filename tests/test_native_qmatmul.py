@@ -18,11 +18,6 @@ from internlm_jax.serve.testing import tiny_model
 EXACT = 10**9  # min_rows no call reaches: the exact kernel for every row
 
 
-def _cpu_has_vnni() -> bool:
-  text = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
-  return all(f in text for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
-
-
 @pytest.fixture(autouse=True)
 def _native_on(monkeypatch):
   monkeypatch.delenv("INTERNLM_JAX_NATIVE", raising=False)
@@ -31,7 +26,7 @@ def _native_on(monkeypatch):
 
 @pytest.fixture
 def native():
-  if not (build.compiler() and _cpu_has_vnni() and jax.default_backend() == "cpu"):
+  if not (build.can_build_here() and jax.default_backend() == "cpu"):
     pytest.skip("needs a C++ compiler and an AVX512-VNNI CPU")
   assert qmatmul.available(), qmatmul._state.get("error")
   return qmatmul
@@ -39,7 +34,7 @@ def native():
 
 def test_native_path_is_active_where_it_can_be():
   """A machine with a compiler and the CPU features must not silently run the fallback."""
-  if not (build.compiler() and _cpu_has_vnni() and jax.default_backend() == "cpu"):
+  if not (build.can_build_here() and jax.default_backend() == "cpu"):
     pytest.skip("needs a C++ compiler and an AVX512-VNNI CPU")
   assert qmatmul.available(), qmatmul._state.get("error")
 

@@ -39,6 +39,13 @@ def compiler() -> str | None:
   return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def can_build_here() -> bool:
+  """A C++ compiler and a CPU with the kernels' instructions (AVX-512 F/BW/VL and VNNI): where the native path
+  is expected to be active (the tests fail rather than skip there if it is not)."""
+  flags = _cpu_flags().split()
+  return compiler() is not None and all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+
+
 @functools.cache
 def load(name: str) -> ctypes.CDLL:
   """Compiles (if not cached) and loads `name`.cc from this directory; raises RuntimeError on failure."""
