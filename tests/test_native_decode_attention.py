@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from internlm_jax.native import build
 from internlm_jax.native import decode_attention as native_attention
 from internlm_jax.quant import quantize_params
 from internlm_jax.serve.engine import Engine, EngineConfig
@@ -14,15 +13,8 @@ from internlm_jax.serve.testing import tiny_model
 from kernels.paged_attention_reference import paged_attention_reference, quantize_kv
 
 
-@pytest.fixture(autouse=True)
-def _native_on(monkeypatch):
-  monkeypatch.delenv("INTERNLM_JAX_NATIVE", raising=False)
-
-
 @pytest.fixture
-def native():
-  if not (build.can_build_here() and jax.default_backend() == "cpu"):
-    pytest.skip("needs a C++ compiler and an AVX512-VNNI CPU")
+def native(native_ready):
   assert native_attention.available(), native_attention._state.get("error")
   return native_attention
 
@@ -78,7 +70,7 @@ def _decode(config, params, kv_int8, n=8):
     state, prefix = engine.prefill(state, rng.randint(3, 1000, size=size).tolist())
     state = engine.insert(prefix, state, slot, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), [],
                           seed=slot)
-  tokens, logits = [], []
+  tokens = []
   for _ in range(n // 4):
     for slot in range(3):
       engine.reserve(slot, 4)

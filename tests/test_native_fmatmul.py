@@ -5,22 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from internlm_jax.native import build, fmatmul
+from internlm_jax.native import fmatmul
 from internlm_jax.serve import paged_model
 from internlm_jax.serve.engine import Engine, EngineConfig
 from internlm_jax.serve.sampling import SamplingParams
 from internlm_jax.serve.testing import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _native_on(monkeypatch):
-  monkeypatch.delenv("INTERNLM_JAX_NATIVE", raising=False)
-
-
 @pytest.fixture
-def native():
-  if not (build.can_build_here() and jax.default_backend() == "cpu"):
-    pytest.skip("needs a C++ compiler and an AVX512-VNNI CPU")
+def native(native_ready):
   assert fmatmul.available(), fmatmul._state.get("error")
   return fmatmul
 

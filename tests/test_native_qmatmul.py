@@ -25,9 +25,7 @@ def _native_on(monkeypatch):
 
 
 @pytest.fixture
-def native():
-  if not (build.can_build_here() and jax.default_backend() == "cpu"):
-    pytest.skip("needs a C++ compiler and an AVX512-VNNI CPU")
+def native(native_ready):
   assert qmatmul.available(), qmatmul._state.get("error")
   return qmatmul
 
