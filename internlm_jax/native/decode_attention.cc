@@ -79,16 +79,31 @@ void AttendOne(const float* q, const T* k_pages, const T* v_pages, const float* 
     for (int64_t c = 0; c < chunks; ++c)
       qv[g][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(Mask16(D - 16 * c), q + g * D + 16 * c),
                                _mm512_set1_ps(inv_sqrt_d));
-  // Every position t < length in order, with its slot in the pool (no division per position).
+  // Every position t < length in order, with its slot in the pool (no division per position), and the slot of
+  // the same row in the sequence's next page, or -1. Pages lie anywhere in the pool, so the hardware prefetcher
+  // cannot follow them: each row also pulls in its counterpart of the next page.
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   auto for_each_slot = [&](auto&& body) __attribute__((always_inline)) {
     for (int64_t t0 = 0, p = 0; t0 < length; t0 += ps, ++p) {
       const int64_t base = std::clamp<int64_t>(table[p], 0, P - 1) * ps;
+      const int64_t next = t0 + ps < length ? std::clamp<int64_t>(table[p + 1], 0, P - 1) * ps : -1;
       const int64_t n = std::min(ps, length - t0);
-      for (int64_t o = 0; o < n; ++o) body(t0 + o, base + o);
+      for (int64_t o = 0; o < n; ++o) body(t0 + o, base + o, next < 0 ? -1 : next + o);
     }
   };
+  auto prefetch_row = [&](const T* pages, int64_t slot) __attribute__((always_inline)) {
+    if (slot < 0) return;
+    const char* row = reinterpret_cast<const char*>(pages + slot * D);
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+  };
+  auto prefetch_row_l2 = [&](const T* pages, int64_t slot) __attribute__((always_inline)) {
+    const char* row = reinterpret_cast<const char*>(pages + slot * D);
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+  };
   // Scores, [G, length].
-  for_each_slot([&](int64_t t, int64_t s) __attribute__((always_inline)) {
+  for_each_slot([&](int64_t t, int64_t s, int64_t s_next) __attribute__((always_inline)) {
+    prefetch_row(k_pages, s_next);
+    prefetch_row_l2(v_pages, s);  // the values pass reads it next
     const T* krow = k_pages + s * D;
     __m512 acc[kMaxG];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
@@ -119,7 +134,7 @@ void AttendOne(const float* q, const T* k_pages, const T* v_pages, const float* 
   __m512 acc[kMaxG][kMaxChunks];
   for (int64_t g = 0; g < G; ++g)
     for (int64_t c = 0; c < chunks; ++c) acc[g][c] = _mm512_setzero_ps();
-  for_each_slot([&](int64_t t, int64_t s) __attribute__((always_inline)) {
+  for_each_slot([&](int64_t t, int64_t s, int64_t) __attribute__((always_inline)) {
     const T* vrow = v_pages + s * D;
     const float vs = v_scale ? v_scale[s] : 1.f;
     for (int64_t c = 0; c < chunks; ++c) {

@@ -155,9 +155,11 @@ void QuantizeRow(const float* src, int64_t K, int64_t blocks, int64_t sub, int8_
   }
 }
 
-template <int MR, int NR, bool kGrouped>
+// kPrefetch: also pull the same k range of the NR panels at `next` into L2 (the first row tile of a panel group
+// fetches the next group while the others run: weights larger than L2 otherwise stall on L3 latency).
+template <int MR, int NR, bool kGrouped, bool kPrefetch = false>
 void VnniTile(const QuantizedRows& xq, int64_t m0, const Weight& w, const uint8_t* panels, float* y, int64_t N,
-              int64_t n0) {
+              int64_t n0, const uint8_t* next = nullptr) {
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -175,6 +177,9 @@ void VnniTile(const QuantizedRows& xq, int64_t m0, const Weight& w, const uint8_
     for (int64_t g = 0; g < steps; ++g) {
       __m512i wv[NR];
       for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(wb + r * w.panel_bytes + g * 64);
+      if (kPrefetch)
+        for (int r = 0; r < NR; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(next + k0 * kLanes + r * w.panel_bytes + g * 64), _MM_HINT_T1);
       for (int m = 0; m < MR; ++m) {
         int32_t four;
         std::memcpy(&four, xb + m * row + 4 * g, 4);
@@ -200,7 +205,25 @@ void VnniPanels(const QuantizedRows& xq, int64_t M, const Weight& w, float* y, i
   const uint8_t* panels = w.panels + p * w.panel_bytes;
   const int64_t n0 = p * kLanes;
   int64_t m = 0;
+  // The next NR panels, fetched by the first row tile (when they exist; none past the weight's end).
+  const bool has_next = p + 2 * NR <= w.rows / kLanes;
+  const uint8_t* next = panels + NR * w.panel_bytes;
   // 4 x NR int32 + 4 x NR float accumulators + NR weights + 1 broadcast fit the 32 zmm for NR <= 3.
+  if (M >= 4) {
+    if (has_next) {
+      VnniTile<4, NR, kGrouped, true>(xq, 0, w, panels, y, N, n0, next);
+    } else {
+      VnniTile<4, NR, kGrouped>(xq, 0, w, panels, y, N, n0);
+    }
+    m = 4;
+  } else if (has_next && M > 0) {
+    switch (M) {
+      case 3: VnniTile<3, NR, kGrouped, true>(xq, 0, w, panels, y, N, n0, next); break;
+      case 2: VnniTile<2, NR, kGrouped, true>(xq, 0, w, panels, y, N, n0, next); break;
+      default: VnniTile<1, NR, kGrouped, true>(xq, 0, w, panels, y, N, n0, next); break;
+    }
+    return;
+  }
   for (; m + 4 <= M; m += 4) VnniTile<4, NR, kGrouped>(xq, m, w, panels, y, N, n0);
   switch (M - m) {
     case 3: VnniTile<3, NR, kGrouped>(xq, m, w, panels, y, N, n0); break;
