@@ -43,7 +43,15 @@ def rope_angles(config: ModelConfig, positions: jax.Array, seq_len: jax.Array | 
   if config.rope_scaling_type == "linear":
     t = t / config.rope_scaling_factor
   angles = t[:, :, None] * inv_freq[:, None, :]  # [B, T, D/2]
-  return jnp.cos(angles), jnp.sin(angles)
+  return _materialized(jnp.cos(angles)), _materialized(jnp.sin(angles))
+
+
+def _materialized(x: jax.Array) -> jax.Array:
+  """x itself, computed once. XLA fuses cos/sin into every consumer, so each layer's rope of q [B, T, H, D]
+  would evaluate them again per head and per layer (an optimization_barrier is removed before fusion). A dot
+  is never fused into its consumers, and one with the identity is exact: each output is x * 1 plus zeros."""
+  n = x.shape[-1]
+  return jnp.einsum("...i,ij->...j", x, jnp.eye(n, dtype=x.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
