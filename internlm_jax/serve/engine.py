@@ -182,13 +182,8 @@ class Engine:
                               s.seen)
       valid = s.active & (s.remaining > 0)
       token = jnp.where(valid, token, 0)
-      top = sampling.MAX_LOGPROBS
-      all_logprobs = jax.nn.log_softmax(s.logits, axis=-1)
-      logprob = jnp.take_along_axis(all_logprobs, token[:, None], axis=-1)[:, 0]
-      # top_k over the vocabulary only when some slot asked for top logprobs.
-      top_lp, top_ids = jax.lax.cond(
-          jnp.any(s.want_top & valid), lambda: tuple(jax.lax.top_k(all_logprobs, top)),
-          lambda: (jnp.zeros(token.shape + (top,), jnp.float32), jnp.zeros(token.shape + (top,), jnp.int32)))
+      logprob, top_ids, top_lp = sampling.chosen_logprobs(s.logits, token, s.want_top & valid,
+                                                          sampling.MAX_LOGPROBS)
       logits, cache = paged_model.decode_step(params, cache, token, s.lengths, table, valid,
                                               config=self.config, rules=self.rules, mesh=self.mesh,
                                               use_kernel=self.use_kernel)

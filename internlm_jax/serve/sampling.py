@@ -115,7 +115,9 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
   chex.assert_rank(logits, 2)
   B = logits.shape[0]
   chex.assert_shape([temperature, top_k, top_p, min_p, repetition_penalty], (B,))
-  logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+  # A [B, V] pass skipped when no row has a penalty (the usual case).
+  logits = jax.lax.cond(jnp.any(repetition_penalty != 1.0), apply_repetition_penalty, lambda x, s, p: x,
+                        logits, seen, repetition_penalty)
   greedy = temperature <= 0.0
   best = argmax(logits)
 
@@ -131,6 +133,29 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
   # The draw (B x V Gumbel noise) costs more than the decode step's attention: skip it when every row is greedy.
   drawn = jax.lax.cond(jnp.all(greedy), lambda: best, draw)
   return jnp.where(greedy, best, drawn)
+
+
+def log_normalizer(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(max [B, 1], log sum exp(logits - max) [B, 1]) of logits [B, V]: log_softmax = (logits - max) - second,
+  as jax.nn.log_softmax computes it, without writing the [B, V] result."""
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  return top, jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+
+
+def chosen_logprobs(logits: jax.Array, tokens: jax.Array, want_top: jax.Array, top_n: int):
+  """(logprob of tokens [B], top ids [B, N], top logprobs [B, N]) under log_softmax(logits [B, V]); the top-N
+  search over the vocabulary runs only when some row's want_top [B] is set (zeros otherwise)."""
+  top, log_sum = log_normalizer(logits)
+  chosen = (jnp.take_along_axis(logits, tokens[:, None], axis=-1) - top) - log_sum
+  B = logits.shape[0]
+
+  def search():
+    values, ids = jax.lax.top_k(logits, top_n)  # log_softmax keeps each row's order
+    return (values - top) - log_sum, ids.astype(jnp.int32)
+
+  top_lp, top_ids = jax.lax.cond(jnp.any(want_top), search,
+                                 lambda: (jnp.zeros((B, top_n), jnp.float32), jnp.zeros((B, top_n), jnp.int32)))
+  return chosen[:, 0], top_ids, top_lp
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, top_n: int):
