@@ -18,8 +18,8 @@ a dot (measured: 12 int8 [2048, 768] matvecs 4.9 ms whole, 1.2 ms in blocks, 2.1
 Better still, on one CPU device with float32 activations, int8 weights stay whole (native.qmatmul.Int8Weight,
 packed once, with a scale per row, or per row and head for wo) and run on the native FFI kernel, which streams
 the int8 bytes once (native/qmatmul.py; falls back to the blocks when it cannot be built). int4 keeps the
-blocks. float32 weights become native.fmatmul.F32Weight there: steps of a few rows (batch-1 decode) take a
-native kernel, more rows XLA's dot. Decode attention on one CPU device reads the pages in place
+blocks. float32 weights become native.fmatmul.F32Weights there (packed once in strips of 64 outputs): every
+step, decode and prefill, takes that native kernel (native/fmatmul.py). Decode attention on one CPU device reads the pages in place
 (native/decode_attention.py; the gather-based reference elsewhere).
 
 Numerics follow model._block (same products, dtypes and rope), so paged logits equal `model.forward`.
@@ -61,7 +61,7 @@ def _serving_weight(w, perm, n_out, blocks: bool = False, native: bool = False, 
   if not isinstance(w, QArray):
     w = jnp.transpose(w, perm)
     w = w.reshape(math.prod(w.shape[:n_out]), -1)
-    return fmatmul.F32Weight(w) if native_f32 and w.dtype == jnp.float32 else w
+    return fmatmul.pack(w) if native_f32 and w.dtype == jnp.float32 else w
   c = w.q.ndim + w.group_axis  # q's (groups, group) axes are c, c + 1; dense axis c is the contraction
   assert perm[-1] == c, "the quantized (contraction) axis must end up last"
   qperm = [a for d in perm for a in ((d,) if d < c else (c, c + 1) if d == c else (d + 1,))]
@@ -91,8 +91,8 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
   of per-layer dicts, matmul weights [out, in]. Without a mesh, quantized weights are split into row blocks
   (dequantized one at a time in `linear`); on `mesh` they stay whole and everything is placed with the weights'
   logical-axis shardings. Without a mesh, on CPU, with float32 activations, int8 weights become
-  Int8Weights for the native kernel when it is available (`native_int8`), and float32 ones F32Weights, which
-  take the native kernel for steps of at most fmatmul.MAX_ROWS rows (`native_float32`)."""
+  Int8Weights for the native kernel when it is available (`native_int8`), and float32 ones packed F32Weights
+  for the native float32 kernel (`native_float32`)."""
   is_q = lambda x: isinstance(x, QArray)
   stacked, blocks = params["layers"], mesh is None
   native = native_int8(params, config, mesh)
@@ -121,7 +121,7 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
 
 
 def native_float32(config: ModelConfig, mesh=None) -> bool:
-  """Whether `serving_params` marks float32 weights for the native few-row kernel (one device, float32)."""
+  """Whether `serving_params` packs float32 weights for the native float32 kernel (one device, float32)."""
   return mesh is None and jnp.dtype(config.dtype) == jnp.float32 and fmatmul.available()
 
 
