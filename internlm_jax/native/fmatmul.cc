@@ -33,7 +33,7 @@ using internlm_native::Mask16;
 using internlm_native::ParallelFor;
 
 constexpr int64_t kKBlock = 128;
-constexpr int64_t kManyTiles = 16;
+constexpr int64_t kManyTiles = 64;
 constexpr int64_t kNV = 4;                 // vectors of 16 outputs per strip
 constexpr int64_t kWidth = 16 * kNV;       // outputs per strip
 
