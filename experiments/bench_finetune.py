@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+from internlm_jax import host_memory  # noqa: E402
 
 OUT = flags.DEFINE_string("out", None, "JSON results file")
 PRESET = flags.DEFINE_string("preset", "bench-300m", "ModelConfig preset, or bench-300m (InternLM2 vocab, "
@@ -138,6 +139,7 @@ def measure(method: str, config, batch, rank: int) -> dict:
 
 
 def main(argv):
+  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
   import jax
   config = _config()

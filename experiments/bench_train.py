@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+from internlm_jax import host_memory  # noqa: E402
 
 OUT = flags.DEFINE_string("out", None, "JSON results file")
 PRESET = flags.DEFINE_string("preset", "50m", "ModelConfig preset")
@@ -84,6 +85,7 @@ def bench_torch(config, batch, seq, steps):
 
 
 def main(argv):
+  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
   import jax
   from internlm_jax.config import get_preset

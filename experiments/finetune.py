@@ -22,6 +22,7 @@ simulate_cpu_devices(sys.argv)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from internlm_jax import host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sft_lora_tiny.py", "ml_collections config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints/, metrics.jsonl, hf/, adapter/",
@@ -34,6 +35,7 @@ def _pct(x):
 
 
 def main(argv):
+  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
   from internlm_jax.config import ConfigError
   from internlm_jax.data.sources import DataError

@@ -19,6 +19,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from internlm_jax import host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_tiny.py", "base ml_collections config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "sweep directory", required=True)
@@ -47,6 +48,7 @@ def _set(cfg, dotted: str, raw: str):
 
 
 def main(argv):
+  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
   from internlm_jax.train.loop import run
   axes = parse_grid(_GRID.value)

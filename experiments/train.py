@@ -18,6 +18,7 @@ simulate_cpu_devices(sys.argv)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from internlm_jax import host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_tiny.py", "ml_collections config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints/, metrics.jsonl, plots", required=True)
@@ -25,6 +26,7 @@ flags.DEFINE_integer("cpu_devices", 8, "simulated CPU devices when no accelerato
 
 
 def main(argv):
+  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
   from internlm_jax.config import ConfigError
   from internlm_jax.data.sources import DataError
