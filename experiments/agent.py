@@ -25,7 +25,6 @@ from absl import app, flags  # noqa: E402
 from internlm_jax.agent import AGENTS, InProcessLLM, OpenAIClient, ScriptedLLM, Step  # noqa: E402
 from internlm_jax.agent.llm import EngineLLM  # noqa: E402
 from internlm_jax.agent.tools import builtin_tools  # noqa: E402
-from internlm_jax import host_memory  # noqa: E402
 
 AGENT = flags.DEFINE_enum("agent", "react", sorted(AGENTS), "agent type")
 TOOLS = flags.DEFINE_list("tools", ["python", "calculator"], "tools: python, calculator, plot, files, search")
@@ -106,7 +105,6 @@ def write(payload) -> None:
 
 
 def main(argv):
-  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
   llm = make_llm()
   try:

@@ -26,7 +26,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-from internlm_jax import host_memory  # noqa: E402
 
 OUT = flags.DEFINE_string("out", None, "JSON results file")
 PROMPT = flags.DEFINE_integer("prompt_len", 32, "prompt tokens for the decode benchmarks")
@@ -148,7 +147,6 @@ TABLE = [("bandwidth (best of matvec/sum)", "bandwidth_gbps", " GB/s"),
 
 
 def main(argv):
-  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
   import jax
   import numpy as np

@@ -16,7 +16,6 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the packa
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-from internlm_jax import host_memory  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF InternLM2 folder or params checkpoint folder.")
 _PRESET = flags.DEFINE_string("preset", None, "Chat with random weights of this preset (no --checkpoint).")
@@ -90,7 +89,6 @@ def chat_loop(scheduler, tokenizer, sampling, system: str, read: Callable[[str],
 
 
 def main(argv):
-  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   from internlm_jax.serve import loading

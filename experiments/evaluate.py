@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-from internlm_jax import host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_tiny.py", "eval config file (configs/eval_*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder", required=True)
@@ -69,7 +68,6 @@ def _backend(cfg):
 
 
 def main(argv):
-  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
   from internlm_jax.config import ConfigError
   from internlm_jax.eval import runner

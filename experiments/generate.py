@@ -18,7 +18,6 @@ import jax  # noqa: E402
 from internlm_jax import get_preset, init_params, make_mesh  # noqa: E402
 from internlm_jax.generate import generate  # noqa: E402
 from internlm_jax.sharding import replicated_fraction  # noqa: E402
-from internlm_jax import host_memory  # noqa: E402
 
 FLAGS = flags.DEFINE_string("preset", "small", "ModelConfig preset (random weights) when no checkpoint is given")
 HF = flags.DEFINE_string("hf_checkpoint", None, "HF InternLM2 folder (config.json, *.safetensors, tokenizer.model)")
@@ -30,7 +29,6 @@ TENSOR = flags.DEFINE_integer("tensor", 2, "tensor-parallel mesh size (must divi
 
 
 def main(argv):
-  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
   mesh = make_mesh(data=1, fsdp=FSDP.value, tensor=TENSOR.value)
   tokenizer = None

@@ -17,7 +17,6 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the packa
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
-from internlm_jax import host_memory  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF InternLM2 folder or params checkpoint folder.")
 _PRESET = flags.DEFINE_string("preset", None, "Serve random weights of this preset (no --checkpoint).")
@@ -42,7 +41,6 @@ _NO_PREFIX_CACHE = flags.DEFINE_bool("no_prefix_cache", False, "Disable sharing 
 
 
 def main(argv):
-  host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import uvicorn

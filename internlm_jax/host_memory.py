@@ -9,9 +9,12 @@ the heap back, so the next step reuses the same, already mapped pages: the step 
 first. The price: the process keeps its peak heap until it exits, which is what a training or serving
 process reuses anyway.
 
-Call it before the first JAX computation (it must precede the creation of XLA's worker threads to put them on
-the main heap); the launch scripts in experiments/ do. Linux with glibc only; elsewhere it does nothing.
-Set INTERNLM_JAX_REUSE_MEMORY=0 to opt out.
+Call it before the first JAX computation (it must precede XLA's worker threads, to put them on the main heap).
+The training launch scripts do (experiments/train.py, finetune.py, sweep.py, bench_train.py,
+bench_finetune.py): one shared heap slows XLA's multi-threaded compiles (~5 -> 7 s for that step), which long
+runs repay within a few steps. Serving scripts do not: a decode step's scratch is a few MB, so they would only
+pay the slower compiles of their many shapes. Linux with glibc only; elsewhere it does nothing. Set
+INTERNLM_JAX_REUSE_MEMORY=0 to opt out.
 """
 from __future__ import annotations
 
