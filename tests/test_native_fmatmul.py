@@ -66,11 +66,11 @@ def _greedy(config, params, n=8):
 def test_engine_batch1_float32_decode_equals_the_pure_jax_path(native, monkeypatch):
   config, params = tiny_model()
   engine, tokens, logits = _greedy(config, params)
-  assert isinstance(engine.params["layers"][0]["w1"], fmatmul.F32Weight)
+  assert isinstance(engine.params["layers"][0]["w13"], fmatmul.F32Weight)  # w1 and w3 stacked
   assert isinstance(engine.params["output"], fmatmul.F32Weight)
   monkeypatch.setenv("INTERNLM_JAX_NATIVE", "0")
   assert not paged_model.native_float32(config)
   engine, ref_tokens, ref_logits = _greedy(config, params)
-  assert not isinstance(engine.params["layers"][0]["w1"], fmatmul.F32Weight)
+  assert "w13" not in engine.params["layers"][0] and not isinstance(engine.params["layers"][0]["w1"], fmatmul.F32Weight)
   assert tokens == ref_tokens
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5)

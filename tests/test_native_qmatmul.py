@@ -125,7 +125,7 @@ def test_engine_int8_decode_equals_the_pure_jax_path(native, monkeypatch):
   monkeypatch.setenv("INTERNLM_JAX_NATIVE", "1")
   monkeypatch.setenv("INTERNLM_JAX_NATIVE_VNNI_MIN_ROWS", str(EXACT))  # exact kernel for prefill too
   engine, logits, tokens = _greedy(config, q8, prompt, 12)
-  assert isinstance(engine.params["layers"][0]["w1"], qmatmul.Int8Weight)
+  assert isinstance(engine.params["layers"][0]["w13"], qmatmul.Int8Weight)  # w1 and w3 stacked
   assert isinstance(engine.params["output"], qmatmul.Int8Weight)
   assert isinstance(engine.params["layers"][0]["wo"], qmatmul.Int8Weight)  # per-head scales
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5)

@@ -101,8 +101,8 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
   @jax.jit
   def one_layer(stacked, i):
     layer = jax.tree.map(lambda w: w[i], stacked)
-    return {k: (_serving_weight(w, *_LAYOUT[k][:2], blocks, native, native_f32) if k in _LAYOUT else w)
-            for k, w in layer.items()}
+    return _fuse_gate_up({k: (_serving_weight(w, *_LAYOUT[k][:2], blocks, native, native_f32) if k in _LAYOUT else w)
+                          for k, w in layer.items()})
 
   head = lambda w: _serving_weight(w, *_LAYOUT["output"][:2], blocks, native, native_f32)
   out = {"embed": params["embed"], "norm": params["norm"], "output": jax.jit(head)(params["output"]),
@@ -118,6 +118,22 @@ def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules 
     return rules.sharding(mesh, (None,) * w.ndim)
   shardings = jax.tree_util.tree_map_with_path(sharding, out, is_leaf=is_q)
   return jax.device_put(out, shardings)
+
+
+def _fuse_gate_up(layer: dict) -> dict:
+  """w1 and w3 stacked into one native weight "w13" ([2F, E]: one call on the same input instead of two;
+  every output is computed exactly as in its own call), when both are native weights that stack."""
+  w1, w3 = layer.get("w1"), layer.get("w3")
+  if isinstance(w1, qmatmul.Int8Weight) and isinstance(w3, qmatmul.Int8Weight) and w1.shape == w3.shape:
+    fused = qmatmul.concat([w1, w3])
+  elif (isinstance(w1, fmatmul.F32Weight) and isinstance(w3, fmatmul.F32Weight) and w1.shape == w3.shape
+        and w1.n % fmatmul.WIDTH == 0):
+    fused = fmatmul.F32Weight(jnp.concatenate([w1.packed, w3.packed]), 2 * w1.n)
+  else:
+    return layer
+  layer = {k: w for k, w in layer.items() if k not in ("w1", "w3")}
+  layer["w13"] = fused
+  return layer
 
 
 def native_float32(config: ModelConfig, mesh=None) -> bool:
@@ -167,7 +183,11 @@ def _finish(x, out, layer, config: ModelConfig, rules):
   x = constrain(x, ("batch", "seq", "embed"), rules)
   h = layers.rms_norm(x, layer["ffn_norm"], config.rms_norm_eps)
   h = constrain(h, ("batch", "seq", "embed"), rules)
-  gate, up = mm(h, layer["w1"]), mm(h, layer["w3"])  # as layers.swiglu
+  if "w13" in layer:
+    both = mm(h, layer["w13"])
+    gate, up = jnp.split(both, 2, axis=-1)
+  else:
+    gate, up = mm(h, layer["w1"]), mm(h, layer["w3"])  # as layers.swiglu
   hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(h.dtype)
   x = x + mm(hidden, layer["w2"])
   return constrain(x, ("batch", "seq", "embed"), rules)
