@@ -135,8 +135,10 @@ void RowStrips(const float* x, int64_t K, const float* ws, int64_t N, float* y, 
     const __m512 xv = _mm512_set1_ps(x[k]);
     for (int s = 0; s < S; ++s) {
       const float* row = ws + s * K * kWidth + k * kWidth;
-      if (k + kAhead < K)
-        for (int v = 0; v < kNV; ++v) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * kWidth) + 64 * v, _MM_HINT_T0);
+      if (k + kAhead < K) {
+        const char* ahead = reinterpret_cast<const char*>(row + kAhead * kWidth);
+        for (int v = 0; v < kNV; ++v) _mm_prefetch(ahead + 64 * v, _MM_HINT_T0);
+      }
       for (int v = 0; v < kNV; ++v) acc[s][v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row + 16 * v), acc[s][v]);
     }
   }

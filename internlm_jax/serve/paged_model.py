@@ -19,7 +19,8 @@ Better still, on one CPU device with float32 activations, int8 weights stay whol
 packed once, with a scale per row, or per row and head for wo) and run on the native FFI kernel, which streams
 the int8 bytes once (native/qmatmul.py; falls back to the blocks when it cannot be built). int4 keeps the
 blocks. float32 weights become native.fmatmul.F32Weights there (packed once in strips of 64 outputs): every
-step, decode and prefill, takes that native kernel (native/fmatmul.py). Decode attention on one CPU device reads the pages in place
+step, decode and prefill, takes that native kernel (native/fmatmul.py). Where w1 and w3 are both native, they
+are stacked into one weight "w13" (one call). Decode attention on one CPU device reads the pages in place
 (native/decode_attention.py; the gather-based reference elsewhere).
 
 Numerics follow model._block (same products, dtypes and rope), so paged logits equal `model.forward`.
