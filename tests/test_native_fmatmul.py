@@ -7,9 +7,7 @@ import pytest
 
 from internlm_jax.native import fmatmul
 from internlm_jax.serve import paged_model
-from internlm_jax.serve.engine import Engine, EngineConfig
-from internlm_jax.serve.sampling import SamplingParams
-from internlm_jax.serve.testing import tiny_model
+from internlm_jax.serve.testing import greedy_run, tiny_model
 
 
 @pytest.fixture
@@ -49,17 +47,8 @@ def test_pack_round_trip_linear_dispatch_and_errors(native):
 
 
 def _greedy(config, params, n=8):
-  ec = EngineConfig(max_slots=1, max_seq_len=64, page_size=8, prefill_chunk=16, steps_per_call=4)
-  engine = Engine(params, config, ec)
   prompt = np.random.RandomState(7).randint(3, 1000, size=13).tolist()
-  state, prefix = engine.prefill(engine.init_state(), prompt)
-  state = engine.insert(prefix, state, 0, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), [],
-                        seed=0)
-  tokens = []
-  for _ in range(n // 4):
-    engine.reserve(0, 4)
-    state, result = engine.generate(state)
-    tokens += result.tokens[:, 0].tolist()
+  engine, _, tokens, state = greedy_run(params, config, prompt, n)
   return engine, tokens, np.asarray(state.slots.logits)
 
 

@@ -11,9 +11,7 @@ import pytest
 from internlm_jax.native import build, qmatmul
 from internlm_jax.quant import quantize, quantize_params
 from internlm_jax.serve import paged_model
-from internlm_jax.serve.engine import Engine, EngineConfig
-from internlm_jax.serve.sampling import SamplingParams
-from internlm_jax.serve.testing import tiny_model
+from internlm_jax.serve.testing import greedy_run, tiny_model
 
 EXACT = 10**9  # min_rows no call reaches: the exact kernel for every row
 
@@ -102,16 +100,7 @@ def test_leading_axes_and_shape_errors(native):
 
 
 def _greedy(config, params, prompt, n):
-  ec = EngineConfig(max_slots=2, max_seq_len=64, page_size=8, prefill_chunk=16, steps_per_call=4)
-  engine = Engine(params, config, ec)
-  state, prefix = engine.prefill(engine.init_state(), prompt)
-  state = engine.insert(prefix, state, 0, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), [],
-                        seed=0)
-  tokens = []
-  for _ in range(n // 4):
-    engine.reserve(0, 4)
-    state, result = engine.generate(state)
-    tokens += result.tokens[:, 0].tolist()
+  engine, prefix, tokens, _ = greedy_run(params, config, prompt, n, max_slots=2)
   return engine, np.asarray(prefix.logits), tokens
 
 

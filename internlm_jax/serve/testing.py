@@ -27,6 +27,24 @@ def tiny_model(preset: str = "tiny", seed: int = 0, **overrides) -> tuple[ModelC
   return config, init_params(config, jax.random.key(seed))
 
 
+def greedy_run(params, config: ModelConfig, prompt, new_tokens: int, max_slots: int = 1, steps: int = 4):
+  """One greedy request (slot 0) on a small engine, for comparing decode paths -> (engine, prefix, tokens,
+  final state); `new_tokens` a multiple of `steps`."""
+  from internlm_jax.serve.engine import Engine, EngineConfig
+  from internlm_jax.serve.sampling import SamplingParams
+  ec = EngineConfig(max_slots=max_slots, max_seq_len=64, page_size=8, prefill_chunk=16, steps_per_call=steps)
+  engine = Engine(params, config, ec)
+  state, prefix = engine.prefill(engine.init_state(), prompt)
+  greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+  state = engine.insert(prefix, state, 0, greedy, [], seed=0)
+  tokens = []
+  for _ in range(new_tokens // steps):
+    engine.reserve(0, steps)
+    state, result = engine.generate(state)
+    tokens += result.tokens[:, 0].tolist()
+  return engine, prefix, tokens, state
+
+
 @contextlib.contextmanager
 def loopback_server(app, **uvicorn_options):
   """Serves `app` with uvicorn from a thread on 127.0.0.1 (a port the OS picks); yields the base URL.
