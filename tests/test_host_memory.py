@@ -41,3 +41,16 @@ def test_scratch_memory_is_reused_across_runs_and_the_opt_out_works():
   assert applied and faults < 1000, faults  # a run that did not fault its 16384 scratch pages in again
   applied, faults = _probe("0")
   assert not applied and faults > 16384 * 0.9, faults  # without: every run maps its scratch afresh
+
+
+def test_left_alone_where_jax_will_run_on_an_accelerator(monkeypatch):
+  from internlm_jax import host_memory
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert host_memory.accelerator_expected()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert not host_memory.accelerator_expected()
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(host_memory, "_accelerator_plugin_installed", lambda: False)
+  assert not host_memory.accelerator_expected()
+  monkeypatch.setattr(host_memory, "_accelerator_plugin_installed", lambda: True)
+  assert host_memory.accelerator_expected()
