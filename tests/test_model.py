@@ -139,6 +139,14 @@ def test_rope_angles_reference():
   inv = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim))
   np.testing.assert_allclose(cos[0], np.cos(np.arange(6)[:, None] * inv[None]), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(sin[0], np.sin(np.arange(6)[:, None] * inv[None]), rtol=1e-5, atol=1e-6)
+  # Computed once through an identity dot (so XLA does not fuse them into every layer): exactly cos and sin.
+  pos = jnp.asarray(np.random.default_rng(0).integers(0, 4096, (2, 50)), jnp.int32)
+  got = jax.jit(lambda p: layers.rope_angles(config, p, 4096))(pos)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(layers, "_materialized", lambda x: x)
+    want = jax.jit(lambda p: layers.rope_angles(config, p, 4096))(pos)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
 
 
 def test_hf_config_round_trip_and_errors(tmp_path):
