@@ -27,6 +27,8 @@ CPU_BUDGET = flags.DEFINE_float("cpu_mem_budget_gb", 8.0, "skip timing xla on CP
 BLOCK = flags.DEFINE_integer("block_size", 512, "blockwise tile")
 REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per row (after one warm-up)")
 DECODE = flags.DEFINE_string("decode", "64,4096,64", "batch,context,page_size of the GPU decode rows")
+BLOCK_SWEEP = flags.DEFINE_list("gpu_block_sweep", [], "GPU: Pallas BlockSizes to time at the first seq_len, "
+                                 "each 'block_q/block_k/block_q_bwd/block_k_bwd' (e.g. 128/64/64/64)")
 COPY_MIB = flags.DEFINE_integer("copy_mib", 1024, "array size of the copy-bandwidth measurement")
 
 
@@ -115,6 +117,36 @@ def gpu_flash_rows(seq_lens):
   return rows
 
 
+def gpu_block_sweep_rows(T, sweep):
+  """The Pallas kernel at one length under several tilings (fwd and fwd+bwd causal TFLOP/s)."""
+  import jax
+  import jax.numpy as jnp
+  from kernels.flash_attention import BlockSizes, flash_attention
+  K, G, D = (int(x) for x in GPU_HEADS.value.split(","))
+  B = max(1, GPU_TOKENS.value // T)
+  key = jax.random.split(jax.random.key(T), 3)
+  q = jax.random.normal(key[0], (B, T, K, G, D), jnp.bfloat16)
+  k = jax.random.normal(key[1], (B, T, K, D), jnp.bfloat16)
+  v = jax.random.normal(key[2], (B, T, K, D), jnp.bfloat16)
+  flops = causal_flops(B, T, K * G, D)
+  rows = []
+  for spec in sweep:
+    blocks = BlockSizes(*(int(x) for x in spec.split("/")))
+    fn = lambda q, k, v, blocks=blocks: flash_attention(q, k, v, block_sizes=blocks)
+    row = {"backend": "gpu", "impl": "pallas_blocks", "blocks": spec, "seq_len": T, "batch": B}
+    for mode, mult in (("fwd", 1.0), ("fwd_bwd", 3.5)):
+      f = jax.jit(fn) if mode == "fwd" else jax.jit(jax.grad(
+          lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+      try:
+        seconds = median_time(lambda: jax.block_until_ready(f(q, k, v)), REPEATS.value)
+        row[f"{mode}_tflops"] = mult * flops / seconds / 1e12
+      except Exception as e:  # noqa: BLE001  (a tiling Triton cannot fit: record it)
+        row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  return rows
+
+
 def gpu_decode_rows():
   import jax
   import jax.numpy as jnp
@@ -140,14 +172,22 @@ def gpu_decode_rows():
   (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
   variants["paged_int8"] = (kq, vq, ks, vs)
   for name, (kk, vv, ks_, vs_) in variants.items():
-    fn = jax.jit(paged_attention)
-    seconds = median_time(lambda: fn(q, kk, vv, table, lengths, ks_, vs_).block_until_ready(), 20)
-    nbytes = kk.nbytes + vv.nbytes + (0 if ks_ is None else ks_.nbytes + vs_.nbytes)
-    gbs = nbytes / seconds / 1e9
-    row = {"backend": "gpu", "impl": name, "batch": B, "context": ctx, "page_size": ps, "us": seconds * 1e6,
-           "gb_per_s": gbs, "fraction_of_copy": gbs / copy_gbs}
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+    for pb in (None, 1, 4):  # the default tile, and one smaller and one larger (a failing size is recorded)
+      fn = jax.jit(lambda *a, pb=pb: paged_attention(*a, pages_per_block=pb))
+      row = {"backend": "gpu", "impl": name if pb is None else f"{name}_pb{pb}", "batch": B, "context": ctx,
+             "page_size": ps}
+      try:
+        seconds = median_time(lambda: fn(q, kk, vv, table, lengths, ks_, vs_).block_until_ready(), 20)
+      except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        continue
+      nbytes = kk.nbytes + vv.nbytes + (0 if ks_ is None else ks_.nbytes + vs_.nbytes)
+      gbs = nbytes / seconds / 1e9
+      row.update(us=seconds * 1e6, gb_per_s=gbs, fraction_of_copy=gbs / copy_gbs)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
   return rows
 
 
@@ -174,7 +214,12 @@ def ratio_table(rows):
       lines.append(f"{T:>9}   {fmt(p, 'fwd') or 0:.1f} ({fmt(p, 'fwd_bwd') or 0:.1f})   {rel(gpu[('xla', T)])}   "
                    f"{rel(gpu[('cudnn', T)])}")
   for r in rows:
-    if r["impl"].startswith("paged"):
+    if r["impl"] == "pallas_blocks":
+      lines.append(f"pallas blocks {r['blocks']}: fwd {r.get('fwd_tflops', 0):.0f}, "
+                   f"fwd+bwd {r.get('fwd_bwd_tflops', 0):.0f} TFLOP/s")
+    if r["impl"].startswith("paged") and "error" in r:
+      lines.append(f"decode {r['impl']}: failed ({r['error'][:80]})")
+    elif r["impl"].startswith("paged"):
       lines.append(f"decode {r['impl']}: {r['gb_per_s']:.0f} GB/s = {r['fraction_of_copy']:.0%} of copy bandwidth")
   return "\n".join(lines)
 
@@ -187,6 +232,8 @@ def main(argv):
   rows = cpu_rows(seq_lens) if backend == "cpu" else []
   if backend == "gpu":
     rows += gpu_flash_rows(seq_lens) + gpu_decode_rows()
+    if BLOCK_SWEEP.value:
+      rows += gpu_block_sweep_rows(seq_lens[0], BLOCK_SWEEP.value)
   result = {"backend": backend, "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": rows}
   print(ratio_table(rows))
   if OUT.value:

@@ -62,6 +62,8 @@ def _load_impl(impl: str) -> None:
     from internlm_jax import attention_blockwise  # noqa: F401  (registers itself)
   elif impl == "chunked":
     from internlm_jax import attention_chunked  # noqa: F401  (registers itself)
+  elif impl == "cudnn":
+    from internlm_jax import attention_cudnn  # noqa: F401  (registers itself)
   elif impl == "pallas":
     from kernels import flash_attention  # noqa: F401  (registers itself)
   if impl not in _IMPLS:

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Mapping
 
-ATTENTION_IMPLS = ("xla", "chunked", "blockwise", "pallas")
+ATTENTION_IMPLS = ("xla", "chunked", "blockwise", "pallas", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -143,8 +143,8 @@ def _block(x, layer, *, config: ModelConfig, cos, sin, q_index, segment_ids, rul
     k, v = k.astype(dtype), v.astype(dtype)
     kv_segments = None
   impl = config.attention_impl
-  if cache_kv is not None and impl == "chunked":
-    impl = "xla"  # chunked assumes key slot t holds query t: true without a cache only
+  if cache_kv is not None and impl in ("chunked", "cudnn"):
+    impl = "xla"  # both assume key slot t holds query t: true without a cache only
   out = attention_lib.attend(q, k, v, q_index, segment_ids, kv_segments, impl=impl,
                              **_attention_options(config.replace(attention_impl=impl)))
   out = checkpoint_name(out, "attention_out")

@@ -115,7 +115,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     raise ValueError(f"the Triton kernel needs a power-of-two page_size and head_dim, got {ps} and {D}")
   G = H // K
   Gp = max(_next_pow2(G), 1 if interpret else 16)
-  pb = pages_per_block or min(_next_pow2(pps), 8 if backend == "gpu" else 16)
+  # On a GPU a loop step's k and v tiles (pb * ps tokens each) must fit shared memory with Triton's pipelining:
+  # 128 tokens of D = 128 bf16 is 32 KB apiece; 512 asked for 528 KB on an H200 (232 KB available).
+  pb = pages_per_block or (min(_next_pow2(pps), max(1, 128 // ps)) if not interpret else min(_next_pow2(pps), 16))
   if num_splits is None:  # enough programs to fill a GPU's SMs; one split when interpreted
     num_splits = 1 if interpret else max(1, min(-(-264 // (B * K)), -(-pps // pb)))
   per_split = -(-pps // (pb * num_splits)) * pb

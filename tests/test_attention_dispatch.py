@@ -1,4 +1,4 @@
-"""The model agrees across attention impls (xla / chunked / blockwise / pallas), and blockwise prefill memory is O(T)."""
+"""The model agrees across attention impls (xla / chunked / blockwise / pallas / cudnn), and blockwise prefill memory is O(T)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +8,7 @@ import internlm_jax as ij
 from internlm_jax import attention
 from internlm_jax.attention_blockwise import blockwise_attention
 
-IMPLS = ("xla", "chunked", "blockwise", "pallas")
+IMPLS = ("xla", "chunked", "blockwise", "pallas", "cudnn")
 FAST = {"xla_backend_optimization_level": 0}  # interpret-mode kernels compile about twice as fast
 
 

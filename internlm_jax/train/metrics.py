@@ -33,8 +33,10 @@ def median_seconds(fn, repeats: int, warmup: int = 0) -> float:
   return statistics.median(times)
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-  """Best-of-`repeats` FLOP/s of a jitted n^3 matmul on the first device (the machine's practical peak)."""
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32, warmup_seconds: float = 0.0) -> float:
+  """Best-of-`repeats` FLOP/s of a jitted n^3 matmul on the first device (the machine's practical peak).
+
+  warmup_seconds of untimed matmuls first: an idle GPU runs at a fraction of its clock until load raises it."""
   key = (n, repeats, jnp.dtype(dtype).name)
   if key in _MEASURED:
     return _MEASURED[key]
@@ -46,6 +48,9 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> f
     b = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype), device)
     mm = jax.jit(lambda x, y: x @ y)
     mm(a, b).block_until_ready()
+    until = time.perf_counter() + warmup_seconds
+    while time.perf_counter() < until:
+      mm(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
       start = time.perf_counter()

@@ -1,0 +1,54 @@
+"""cuDNN fused attention on GPUs (through `jax.nn.dot_product_attention`) for forwards without a KV cache.
+
+Shapes: B batch, T tokens (= key slots), K kv heads, G query heads per kv head, D head_dim.
+  q [B, T, K, G, D]    k, v [B, T, K, D]    q_segment_ids, kv_segment_ids [B, T] int32    out [B, T, K, G, D]
+
+Why it exists: on an H200 cuDNN's flash attention ran 2-4x faster than our Pallas/Triton kernel (bf16, D = 128,
+fwd+bwd at T = 4096: 439 against 137 causal TFLOP/s; BENCHMARKS.md), and attention is a third of the 1.8B step.
+Causality is cuDNN's own mask, so the upper triangle is skipped. Packed documents add a segment mask, which jax
+hands cuDNN as an additive bias [B, 1, T, T] (one read of it per head, and a bias gradient it computes and we
+drop); without segment ids there is no bias at all.
+
+Contract: `xla_attention`'s, for a forward without a KV cache where key slot s holds the token at q_index s, i.e.
+q_index[b, t] == t (what `model.hidden_states` passes; the model switches to `xla` when it decodes from a cache).
+Where cuDNN cannot run (not a GPU, float32 inputs, a head_dim it refuses) the same call runs jax's XLA version.
+"""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from internlm_jax.attention import register_attention
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def cudnn_supported(dtype, head_dim: int, backend: str | None = None) -> bool:
+  """cuDNN's fused kernel wants a GPU, fp16/bf16 operands and a head_dim that is a multiple of 8 up to 256."""
+  backend = backend or jax.default_backend()
+  return backend == "gpu" and jnp.dtype(dtype) in map(jnp.dtype, CUDNN_DTYPES) and head_dim % 8 == 0 \
+      and head_dim <= 256
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
+                    q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """q [B, T, K, G, D], k/v [B, T, K, D] -> [B, T, K, G, D] in q.dtype; see the module docstring."""
+  chex.assert_rank([q, k, v, q_index], [5, 4, 4, 2])
+  B, T, K, G, D = q.shape
+  chex.assert_shape([k, v], (B, T, K, D))
+  del q_index  # causal by position: the contract says q_index[b, t] == t
+  mask = None
+  if q_segment_ids is not None and kv_segment_ids is not None:
+    chex.assert_shape([q_segment_ids, kv_segment_ids], (B, T))
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+  implementation = "cudnn" if cudnn_supported(q.dtype, D) else "xla"
+  # Query head k * G + g reads kv head k, the grouping jax.nn.dot_product_attention uses for N = K * G heads.
+  out = jax.nn.dot_product_attention(q.reshape(B, T, K * G, D), k, v, mask=mask, is_causal=True,
+                                     implementation=implementation)
+  return out.reshape(B, T, K, G, D)
+
+
+register_attention("cudnn", cudnn_attention)
+
+__all__ = ["cudnn_attention", "cudnn_supported"]
