@@ -39,8 +39,8 @@ class BlockSizes:
 
   @classmethod
   def for_backend(cls, backend: str) -> "BlockSizes":
-    if backend == "gpu":  # H100/H200-sized Triton tiles for D = 128
-      return cls(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+    if backend == "gpu":  # measured on an H200 at D = 128 (BENCHMARKS.md): 64-tiles with 4 warps everywhere
+      return cls(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
     return cls()  # interpret mode: few, larger tiles keep the Python-level grid loop short
 
 
@@ -181,12 +181,13 @@ def _dkv_kernel(*refs, st: _Static):
 
 
 # ---- pallas_call wiring ----------------------------------------------------------------------------------------------
-def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, args, name):
+def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, args, name, tiles):
   kwargs = {}
   if not st.interpret:
     from jax.experimental.pallas import triton as plgpu
-    big = max(dataclasses.astuple(st.blocks)) >= 128  # a 128-row tile with D = 128 wants 8 warps of registers
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=8 if big else 4, num_stages=2)
+    # Warps follow this kernel's own tiles: a 128-row tile with D = 128 wants 8 warps of registers, while the
+    # 64 x 64 backward ran at half speed with 8 (H200: 135 against 258 TFLOP/s fwd+bwd at T = 4096).
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=8 if max(tiles) >= 128 else 4, num_stages=2)
   return pl.pallas_call(functools.partial(kernel, st=st), grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, interpret=st.interpret, name=name, **kwargs)(*args)
 
@@ -206,7 +207,8 @@ def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_seg):
   out_specs = [pl.BlockSpec((None, None, None, bq, D), qmap),
                pl.BlockSpec((None, None, None, bq), lambda b, h, i: (b, h // Gg, h % Gg, i))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, K, Gg, R), jnp.float32)]
-  return _call(_fwd_kernel, st, (B, K * Gg, R // bq), in_specs, out_specs, out_shape, args, "flash_fwd")
+  return _call(_fwd_kernel, st, (B, K * Gg, R // bq), in_specs, out_specs, out_shape, args, "flash_fwd",
+               (bq, st.blocks.block_k))
 
 
 def _backward(st: _Static, q, k, v, q_pos, q_seg, kv_seg, o, lse, do):
@@ -228,7 +230,7 @@ def _backward(st: _Static, q, k, v, q_pos, q_seg, kv_seg, o, lse, do):
     in_specs += [pl.BlockSpec((None, bq), rowmap), pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0))]
     args += [q_seg, kv_seg]
   (dq,) = _call(_dq_kernel, st, (B, K * Gg, R // bq), in_specs, [pl.BlockSpec((None, None, None, bq, D), qmap)],
-                [jax.ShapeDtypeStruct(q.shape, q.dtype)], args, "flash_dq")
+                [jax.ShapeDtypeStruct(q.shape, q.dtype)], args, "flash_dq", (bq, bk))
 
   # Largest slot index per query block, padded to a power of two with -1 (a block that sees nothing).
   nq = R // bq
@@ -245,7 +247,8 @@ def _backward(st: _Static, q, k, v, q_pos, q_seg, kv_seg, o, lse, do):
     in_specs += [whole_row, pl.BlockSpec((None, bk), lambda b, h, j: (b, j))]
     args += [q_seg, kv_seg]
   dk, dv = _call(_dkv_kernel, st, (B, K, Sp // bk), in_specs, [tile, tile],
-                 [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)], args, "flash_dkv")
+                 [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)], args, "flash_dkv",
+                 (bq, bk))
   return dq, dk, dv
 
 
