@@ -160,6 +160,7 @@ def main(argv):
   P, N, S = PROMPT.value, NEW.value, STEPS.value
   prompts = rng.integers(3, config.vocab_size, (32, P)).tolist()
   res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores",
+         "backend": jax.default_backend(),
          "params": config.num_params(), "prompt_len": P, "new_tokens": N, "steps_per_call": S}
   for key in ("transformers_tokens_per_sec_batch1", "transformers_tokens_per_sec_batch32",
               "speedup_vs_transformers_batch32", "speedup_vs_transformers_batch32_int8",
@@ -201,7 +202,7 @@ def main(argv):
     from internlm_jax.serve.bench_peers import bench_transformers, llama_model
     model = llama_model(config, params)
     with torch.no_grad():
-      theirs = model(input_ids=torch.tensor(prompts[:1])).logits[0, -1].numpy()
+      theirs = model(input_ids=torch.tensor(prompts[:1], device=model.device)).logits[0, -1].float().cpu().numpy()
     (t1, th1), (t32, th32) = bench_transformers(model, prompts[:1], N), bench_transformers(model, prompts, N)
     res.update(transformers_tokens_per_sec_batch1=t1, transformers_tokens_per_sec_batch32=t32,
                transformers_threads=[th1, th32], speedup_vs_transformers_batch1=tps1 / t1,
@@ -245,6 +246,8 @@ def _transformers_int8(model, prompts, new_tokens, f32_logits, tps1_q8, tps32_q8
   torch build without dynamic quantization leaves the keys null and says why in transformers_int8_error."""
   import torch
   from internlm_jax.serve.bench_peers import bench_transformers, quantize_int8
+  if model.device.type != "cpu":
+    return {"transformers_int8_error": "torch.ao dynamic int8 Linear runs on the CPU only"}
   try:
     model, scheme = quantize_int8(model)
     with torch.no_grad():

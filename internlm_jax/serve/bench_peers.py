@@ -11,8 +11,15 @@ _HF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn
              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
+def peer_device() -> str:
+  """Where the torch peer runs: the GPU when torch sees one (our engine then runs on it too), else the CPU."""
+  import torch
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def llama_model(config, params):
-  """transformers LlamaForCausalLM (float32) holding our weights: wqkv split into q/k/v as in gguf.py."""
+  """transformers LlamaForCausalLM (float32) holding our weights: wqkv split into q/k/v as in gguf.py; on
+  `peer_device()`."""
   import torch
   import transformers
   from internlm_jax.serve.gguf import llama_tensors
@@ -33,7 +40,7 @@ def llama_model(config, params):
     state[name] = torch.tensor(w)
   model = transformers.LlamaForCausalLM(hf).float().eval()
   model.load_state_dict(state, strict=True)
-  return model
+  return model.to(peer_device())
 
 
 def quantize_int8(model):
@@ -69,7 +76,7 @@ def bench_transformers(model, prompts, new_tokens):
   """Decode tokens/s of generate (greedy, no early stop): (time for n tokens - time for 1) / (n - 1), with the
   better torch thread count -> (tokens/s, threads)."""
   import torch
-  ids = torch.tensor(prompts, dtype=torch.int64)
+  ids = torch.tensor(prompts, dtype=torch.int64, device=model.device)
   default_threads, best = torch.get_num_threads(), (0.0, 0)
   for threads in _thread_counts():
     torch.set_num_threads(threads)
@@ -83,8 +90,9 @@ def _transformers_rate(model, ids, new_tokens):
 
   def generate(n):
     with torch.no_grad():
-      return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=0)
+      out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+    return out.cpu()  # waits for a GPU's queued work
 
   generate(2)
   one = median_seconds(lambda: generate(1), 2)
