@@ -24,11 +24,18 @@ from internlm_jax.attention import register_attention
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def cudnn_supported(dtype, head_dim: int, backend: str | None = None) -> bool:
-  """cuDNN's fused kernel wants a GPU, fp16/bf16 operands and a head_dim that is a multiple of 8 up to 256."""
+def cudnn_supported(dtype, head_dim: int, seq_len: int = 2, with_bias: bool = False, backend: str | None = None,
+                    compute_capability: float | None = None) -> bool:
+  """jax's own checks for cuDNN's flash kernel (fused_attention_stablehlo.check_is_flash_attention), made before
+  tracing so that a refused shape falls back instead of failing: a GPU, fp16/bf16 operands, a head_dim that is a
+  multiple of 8 up to 256 from Hopper on (128 before), and with a bias (packed segments) an even length."""
   backend = backend or jax.default_backend()
-  return backend == "gpu" and jnp.dtype(dtype) in map(jnp.dtype, CUDNN_DTYPES) and head_dim % 8 == 0 \
-      and head_dim <= 256
+  if backend != "gpu" or jnp.dtype(dtype) not in map(jnp.dtype, CUDNN_DTYPES):
+    return False
+  if compute_capability is None:
+    compute_capability = float(getattr(jax.devices()[0], "compute_capability", "0") or 0)
+  max_head_dim = 256 if compute_capability >= 9.0 else 128
+  return head_dim % 8 == 0 and head_dim <= max_head_dim and not (with_bias and seq_len % 2)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
@@ -42,7 +49,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array
   if q_segment_ids is not None and kv_segment_ids is not None:
     chex.assert_shape([q_segment_ids, kv_segment_ids], (B, T))
     mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
-  implementation = "cudnn" if cudnn_supported(q.dtype, D) else "xla"
+  implementation = "cudnn" if cudnn_supported(q.dtype, D, T, mask is not None) else "xla"
   # Query head k * G + g reads kv head k, the grouping jax.nn.dot_product_attention uses for N = K * G heads.
   out = jax.nn.dot_product_attention(q.reshape(B, T, K * G, D), k, v, mask=mask, is_causal=True,
                                      implementation=implementation)

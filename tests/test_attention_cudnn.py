@@ -44,8 +44,12 @@ def test_forward_and_gradients_match_reference(dtype, segments):
     assert np.all(np.isfinite(g)) and err < tol, f"{name}: {err:.2e} on {jax.default_backend()}"
 
 
-def test_supported_only_on_gpu_for_half_precision():
-  assert cudnn_supported(jnp.bfloat16, 128, backend="gpu")
-  assert not cudnn_supported(jnp.float32, 128, backend="gpu")
-  assert not cudnn_supported(jnp.bfloat16, 100, backend="gpu")
+def test_supported_mirrors_jax_cudnn_checks():
+  hopper = dict(backend="gpu", compute_capability=9.0)
+  assert cudnn_supported(jnp.bfloat16, 128, **hopper) and cudnn_supported(jnp.float16, 256, **hopper)
+  assert not cudnn_supported(jnp.float32, 128, **hopper)
+  assert not cudnn_supported(jnp.bfloat16, 100, **hopper)
+  assert not cudnn_supported(jnp.bfloat16, 256, backend="gpu", compute_capability=8.0)
+  assert not cudnn_supported(jnp.bfloat16, 128, seq_len=511, with_bias=True, **hopper)
+  assert cudnn_supported(jnp.bfloat16, 128, seq_len=511, with_bias=False, **hopper)
   assert not cudnn_supported(jnp.bfloat16, 128, backend="cpu")
