@@ -124,6 +124,10 @@ def main(argv):
   if OURS_JSON.value:
     with open(OURS_JSON.value) as f:
       earlier = json.load(f)
+    mine = {"preset": PRESET.value, "batch": batch, "seq_len": seq, "dtype": config.dtype}
+    if any(earlier.get(k) != v for k, v in mine.items()):
+      raise SystemExit(f"--ours_json={OURS_JSON.value} was measured with "
+                       f"{ {k: earlier.get(k) for k in mine} }, not {mine}: rerun it with these flags")
     peak, ours = earlier["peak_flops"], earlier["step_seconds"]
   else:
     peak = (measure_matmul_peak(n=2048, dtype=DTYPE.value) if on_cpu else
