@@ -392,6 +392,24 @@ def trainable_count(lora: Params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora))
 
 
+def loraplus(tx, b_ratio: float):
+  """LoRA+ (Hayou et al., 2024): the B matrices learn `b_ratio` times faster than the A matrices.
+
+  `tx` turns gradients into final updates (learning rate included); the B leaves' updates are then scaled, which
+  for a per-parameter optimizer (Adam) is a B learning rate of b_ratio * lr. With B starting at zero, A's gradient
+  is zero at first and B alone moves the output, so plain LoRA moves slowly out of its initial plateau; the paper
+  recommends a ratio of about 16. b_ratio = 1 returns `tx` unchanged.
+  """
+  import optax
+  if b_ratio <= 0:
+    raise LoraError(f"the LoRA+ ratio must be positive, got {b_ratio}")
+  if b_ratio == 1.0:
+    return tx
+  is_b = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "b", tree)
+  return optax.chain(tx, optax.masked(optax.scale(b_ratio), is_b))
+
+
 def warn_if_dropout(lcfg: LoraConfig) -> None:
   """For trainers that do not pass a dropout key to apply_lora (DPO: the policy and its reference must see the
   same activations)."""

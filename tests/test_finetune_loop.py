@@ -169,6 +169,7 @@ def test_other_methods_train_and_export(setup, method, tmp_path):
     ({"base.checkpoint": ""}, "config.base.checkpoint is empty"),
     ({"base.checkpoint": "/nonexistent/base"}, "no such folder"),
     ({"lora.targets": "wqkv,lm_head"}, "config.lora: LoRA targets"),
+    ({"lora.loraplus_ratio": 0.0}, "config.lora.loraplus_ratio must be positive"),
     ({"qlora.kind": "fp8", "method": "qlora"}, "config.qlora.kind"),
     ({"batch_size": 6, "grad_accum": 4}, "divisible by grad_accum"),
 ])

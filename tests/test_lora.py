@@ -148,6 +148,29 @@ def test_training_reduces_loss_base_untouched_opt_state_adapters_only(base, quan
   assert float(eval_loss(frozen, state.params, batch)) < float(eval_loss(frozen, None, batch))
 
 
+def test_loraplus_scales_only_the_b_updates():
+  lcfg = L.LoraConfig(rank=4, alpha=8.0, targets=("wqkv", "w2", "output"))
+  adapters = L.init_lora(CONFIG, lcfg, jax.random.key(0))
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), adapters)
+  tx = optax.adamw(1e-3, weight_decay=0.1)
+  plain, _ = tx.update(grads, tx.init(adapters), adapters)
+  plus_tx = L.loraplus(tx, 16.0)
+  plus, _ = plus_tx.update(grads, plus_tx.init(adapters), adapters)
+  for path, got in jax.tree_util.tree_leaves_with_path(plus):
+    want = _at(plain, path)
+    ratio = 16.0 if path[-1].key == "b" else 1.0
+    np.testing.assert_allclose(got, ratio * want, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert L.loraplus(tx, 1.0) is tx
+  with pytest.raises(L.LoraError, match="positive"):
+    L.loraplus(tx, 0.0)
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
 def test_grad_accum_matches_one_batch(base):
   tx = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=20))
   lora = _noisy(L.init_lora(CONFIG, LCFG, jax.random.key(1)))

@@ -31,7 +31,8 @@ from internlm_jax.finetune import base as base_lib
 from internlm_jax.finetune.data import build_finetune_data, split_list
 from internlm_jax.finetune.evaluate import choice_accuracy
 from internlm_jax.hf_io import save_hf_checkpoint
-from internlm_jax.lora import LoraConfig, LoraError, apply_lora, init_lora, lora_shardings, merge, save_adapter
+from internlm_jax.lora import (LoraConfig, LoraError, apply_lora, init_lora, lora_shardings, loraplus, merge,
+                               save_adapter)
 from internlm_jax.model import param_shardings
 from internlm_jax.quant_nf4 import KINDS, QUANT_TARGETS, dequantize_params, quantize_params
 from internlm_jax.sharding import DEFAULT_RULES, make_mesh
@@ -66,6 +67,8 @@ def validate(cfg) -> None:
     raise ConfigError(f"config.batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum}")
   if cfg.method != "full":
     lora_config_from(cfg)
+    if float(cfg.lora.get("loraplus_ratio", 1.0)) <= 0:
+      raise ConfigError(f"config.lora.loraplus_ratio must be positive, got {cfg.lora.loraplus_ratio}")
   if cfg.method == "qlora" and cfg.qlora.kind not in KINDS:
     raise ConfigError(f"config.qlora.kind must be one of {KINDS}, got {cfg.qlora.kind!r}")
   if cfg.method == "qlora" and not set(split_list(cfg.qlora.targets)) <= set(QUANT_TARGETS):
@@ -132,6 +135,8 @@ def run(cfg, workdir: str) -> dict:
 
   with jax.set_mesh(mesh):
     lcfg = None if cfg.method == "full" else lora_config_from(cfg)
+    if lcfg is not None:
+      tx = loraplus(tx, float(cfg.lora.get("loraplus_ratio", 1.0)))
     if cfg.method == "full":
       params_sharding = param_shardings(model, mesh)
       rng = jax.random.key_data(jax.random.key(cfg.seed))
