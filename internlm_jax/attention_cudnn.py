@@ -15,6 +15,8 @@ Where cuDNN cannot run (not a GPU, float32 inputs, a head_dim it refuses) the sa
 """
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -50,10 +52,22 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array
     chex.assert_shape([q_segment_ids, kv_segment_ids], (B, T))
     mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
   implementation = "cudnn" if cudnn_supported(q.dtype, D, T, mask is not None) else "xla"
+  if implementation == "xla":
+    _warn_once(f"cudnn attention cannot run for {jnp.dtype(q.dtype).name} head_dim {D} length {T} on "
+               f"{jax.default_backend()}; using jax's XLA attention (scores in memory: T x T per head)")
   # Query head k * G + g reads kv head k, the grouping jax.nn.dot_product_attention uses for N = K * G heads.
   out = jax.nn.dot_product_attention(q.reshape(B, T, K * G, D), k, v, mask=mask, is_causal=True,
                                      implementation=implementation)
   return out.reshape(B, T, K, G, D)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  if message not in _warned:
+    _warned.add(message)
+    warnings.warn(message, stacklevel=3)
 
 
 register_attention("cudnn", cudnn_attention)

@@ -4,6 +4,8 @@ On CPU (the default suite) the call runs jax's XLA version of jax.nn.dot_product
 wrapper (head grouping, segment mask, causality); on a GPU (JAX_PLATFORMS=cuda, experiments/device_check.sh) the
 same test runs cuDNN's fused kernel.
 """
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,3 +55,16 @@ def test_supported_mirrors_jax_cudnn_checks():
   assert not cudnn_supported(jnp.bfloat16, 128, seq_len=511, with_bias=True, **hopper)
   assert cudnn_supported(jnp.bfloat16, 128, seq_len=511, with_bias=False, **hopper)
   assert not cudnn_supported(jnp.bfloat16, 128, backend="cpu")
+
+
+def test_fallback_off_gpu_warns_once():
+  import internlm_jax.attention_cudnn as ac
+  q = jnp.ones((1, 8, 1, 2, 16))
+  kv = jnp.ones((1, 8, 1, 16))
+  index = jnp.arange(8, dtype=jnp.int32)[None]
+  ac._warned.clear()
+  with pytest.warns(UserWarning, match="using jax's XLA attention"):
+    cudnn_attention(q, kv, kv, index)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    cudnn_attention(q, kv, kv, index)  # the same shape again: silent
