@@ -314,6 +314,17 @@ def test_int8_kv_and_kernel_paths_track_the_reference(model, reference_run, kv_d
     assert results[0][2] == results[1][2]
 
 
+def test_row_blocks_only_on_cpu(model, monkeypatch):
+  # Row blocks serve XLA:CPU's cache; an accelerator keeps each quantized weight whole (fewer launches).
+  config, params = model
+  monkeypatch.setattr(paged_model, "_BLOCK_ELEMENTS", 512)
+  monkeypatch.setenv("INTERNLM_JAX_NATIVE", "0")
+  qparams = quantize_params(params, "int8")
+  assert isinstance(paged_model.serving_params(qparams, config)["layers"][0]["w2"], tuple)
+  monkeypatch.setattr(paged_model.jax, "default_backend", lambda: "gpu")
+  assert isinstance(paged_model.serving_params(qparams, config)["layers"][0]["w2"], quant.QArray)
+
+
 @pytest.mark.parametrize("mode,max_err", [("int8", 0.015), ("int4", 0.2)])  # measured 0.007, 0.11
 def test_quantized_weights_serve_and_stay_close(model, mode, max_err, monkeypatch):
   config, params = model

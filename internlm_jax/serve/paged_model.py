@@ -90,12 +90,14 @@ def _weight_sharding(w, logical, mesh, rules):
 def serving_params(params, config: ModelConfig, mesh=None, rules: ShardingRules = DEFAULT_RULES):
   """Model params (stacked [L, ...] layers, float or quant.QArray weights) -> the serving layout: "layers" a tuple
   of per-layer dicts, matmul weights [out, in]. Without a mesh, quantized weights are split into row blocks
-  (dequantized one at a time in `linear`); on `mesh` they stay whole and everything is placed with the weights'
-  logical-axis shardings. Without a mesh, on CPU, with float32 activations, int8 weights become
+  (dequantized one at a time in `linear`) on CPU; on `mesh` or an accelerator they stay whole, and on `mesh`
+  everything is placed with the weights' logical-axis shardings. Without a mesh, on CPU, with float32 activations, int8 weights become
   Int8Weights for the native kernel when it is available (`native_int8`), and float32 ones packed F32Weights
   for the native float32 kernel (`native_float32`)."""
   is_q = lambda x: isinstance(x, QArray)
-  stacked, blocks = params["layers"], mesh is None
+  # Row blocks answer XLA:CPU's cache behaviour; on a GPU they would only multiply the launches (an H200 ran int8
+  # weights in blocks at 0.6x the float32 speed, BENCHMARKS.md), so there each weight stays whole.
+  stacked, blocks = params["layers"], mesh is None and jax.default_backend() == "cpu"
   native = native_int8(params, config, mesh)
   native_f32 = native_float32(config, mesh)
 
