@@ -13,4 +13,5 @@ def get_config():
   c.dpo.beta = 0.1
   c.data.truncation = "skip"   # a pair is one sequence per side; too-long pairs are counted and skipped
   c.optimizer.learning_rate = 1e-3
+  c.lora.loraplus_ratio = 1.0  # plain LoRA: the SFT demo's LoRA+ ratio was not tuned for DPO
   return c
