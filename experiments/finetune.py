@@ -16,15 +16,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-from _launch import simulate_cpu_devices  # noqa: E402  (the script folder is on sys.path)
+from _launch import define_config, parse_flags, simulate_cpu_devices  # noqa: E402  (the script folder is on sys.path)
 
 simulate_cpu_devices(sys.argv)
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 from internlm_jax import host_memory  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sft_lora_tiny.py", "ml_collections config file")
+_CONFIG = define_config("configs/sft_lora_tiny.py", "ml_collections config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints/, metrics.jsonl, hf/, adapter/",
                                required=True)
 flags.DEFINE_integer("cpu_devices", 8, "simulated CPU devices when no accelerator is present (0 = leave as is)")
@@ -74,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

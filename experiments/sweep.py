@@ -39,25 +39,44 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
 def _set(cfg, dotted: str, raw: str):
   *parents, leaf = dotted.split(".")
   node = cfg
-  for p in parents:
+  for p in parents:  # a missing parent or a bad value would be a KeyError/ValueError traceback
+    if not hasattr(node, "keys") or p not in node:
+      raise app.UsageError(f"--grid key {dotted!r} is not in the config")
     node = node[p]
-  if leaf not in node:
+  if not hasattr(node, "keys") or leaf not in node:
     raise app.UsageError(f"--grid key {dotted!r} is not in the config")
   current = node[leaf]
-  node[leaf] = type(current)(raw) if not isinstance(current, bool) else raw.lower() in ("1", "true", "yes")
+  try:
+    node[leaf] = type(current)(raw) if not isinstance(current, bool) else raw.lower() in ("1", "true", "yes")
+  except (TypeError, ValueError):
+    raise app.UsageError(f"--grid {dotted}={raw!r}: expected a {type(current).__name__}") from None
 
 
 def main(argv):
   host_memory.reuse_freed_memory()  # before the first computation (internlm_jax/host_memory.py)
   del argv
-  from internlm_jax.train.loop import run
+  from internlm_jax.config import ConfigError
+  from internlm_jax.data.sources import DataError
+  from internlm_jax.hf_io import CheckpointError
+  from internlm_jax.sharding import ShardingError
+  from internlm_jax.tokenizer import TokenizerError
+  from internlm_jax.train.loop import TrainingHalted, run, validate
   axes = parse_grid(_GRID.value)
-  rows = []
+  # Every combination is built and validated before the first one trains: a bad value in the last one must not
+  # fail hours into the sweep.
+  runs = []
   for combo in itertools.product(*[[(k, v) for v in vs] for k, vs in axes]):
     cfg = copy.deepcopy(_CONFIG.value)
     for key, value in combo:
       _set(cfg, key, value)
     name = "_".join(f"{k.split('.')[-1]}={v}" for k, v in combo) or "base"
+    try:
+      validate(cfg)
+    except ConfigError as e:
+      sys.exit(f"error: {name}: {e}")
+    runs.append((combo, cfg, name))
+  rows = []
+  for combo, cfg, name in runs:
     workdir = os.path.join(_WORKDIR.value, name)
     summary_path = os.path.join(workdir, "summary.json")
     if os.path.exists(summary_path):
@@ -65,7 +84,13 @@ def main(argv):
         summary = json.load(f)
     else:
       cfg.progress = False
-      summary = run(cfg, workdir)
+      try:
+        summary = run(cfg, workdir)
+      except (ConfigError, DataError, CheckpointError, ShardingError, TokenizerError, TrainingHalted) as e:
+        sys.exit(f"error: {name}: {e}")
+      if summary.get("preempted"):  # the signal was for the whole sweep, not only this run
+        print(f"preempted in {name} at step {summary['step']}; rerun the same command to resume")
+        return
     rows.append({**{k: v for k, v in combo}, "val_loss": summary.get("val_loss"),
                  "tokens_per_sec": summary.get("tokens_per_sec"), "workdir": workdir})
   keys = list(rows[0]) if rows else []

@@ -12,15 +12,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _launch import simulate_cpu_devices  # noqa: E402  (the script folder is on sys.path)
+from _launch import define_config, parse_flags, simulate_cpu_devices  # noqa: E402  (the script folder is on sys.path)
 
 simulate_cpu_devices(sys.argv)
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 from internlm_jax import host_memory  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_tiny.py", "ml_collections config file")
+_CONFIG = define_config("configs/pretrain_tiny.py", "ml_collections config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints/, metrics.jsonl, plots", required=True)
 flags.DEFINE_integer("cpu_devices", 8, "simulated CPU devices when no accelerator is present (0 = leave as is)")
 
@@ -30,6 +29,7 @@ def main(argv):
   del argv
   from internlm_jax.config import ConfigError
   from internlm_jax.data.sources import DataError
+  from internlm_jax.hf_io import CheckpointError
   from internlm_jax.sharding import ShardingError, initialize_distributed
   from internlm_jax.tokenizer import TokenizerError
   from internlm_jax.train.loop import TrainingHalted, run
@@ -38,7 +38,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     summary = run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, ShardingError, TokenizerError, TrainingHalted) as e:
+  except (ConfigError, DataError, CheckpointError, ShardingError, TokenizerError, TrainingHalted) as e:
     sys.exit(f"error: {e}")
   import jax
   if jax.process_index() != 0:
@@ -62,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -225,7 +225,8 @@ class CheckpointManager:
     if not failed:
       return None
     raise CheckpointError(f"{self.directory}: none of the checkpoints {sorted(steps)} can be restored (does "
-                          f"the model/optimizer config match the saved run?); newest error: {failed[0][1]}")
+                          "the model/optimizer config match the saved run? a different one needs a new workdir); "
+                          f"newest error: {failed[0][1]}")
 
   def restore_or_init(self, abstract_state: TrainState, init) -> tuple[TrainState, Any]:
     """(state, data-iterator state or None): the newest good checkpoint, else `init()` (a fresh run)."""

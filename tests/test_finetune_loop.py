@@ -178,6 +178,18 @@ def test_bad_config_is_one_clear_error(setup, override, message):
     validate(_cfg(setup, "lora", over=override))
 
 
+def test_skipped_records_are_reported(setup, tmp_path, caplog):
+  """Records dropped for length were only counted in summary.json, under a script that logs at WARNING."""
+  from internlm_jax.finetune.data import build_finetune_data
+  root, base_dir = setup
+  (tmp_path / "long.jsonl").write_text(json.dumps({"instruction": "to be " * 80, "output": "or not"}) + "\n" +
+                                       json.dumps({"instruction": "Tell me a story", "output": "a sword"}) + "\n")
+  cfg = _cfg(setup, "lora", over={"data.train_paths": str(tmp_path / "long.jsonl"), "data.eval_paths": ""})
+  data = build_finetune_data(cfg, tk.Tokenizer(base_dir / "tokenizer.model"))
+  assert data.summary.skipped == {"too_long": 1}
+  assert "training data: 1 of 2 records skipped {'too_long': 1}" in caplog.text
+
+
 def test_cli_reports_bad_config_in_one_line(setup, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)

@@ -145,6 +145,22 @@ def test_bad_records_raise_or_are_counted(tok, record, message):
   assert summary.errors[0].startswith("record 1: ") and re.search(message, summary.errors[0])
 
 
+def test_bad_files_are_one_line_errors(tmp_path):
+  good = json.dumps({"instruction": "Which play?", "output": "Coriolanus."})
+  cases = {"latin1.jsonl": (good + "\n" + good + "\n").encode() + b'{"instruction": "caf\xe9", "output": "x"}\n',
+           "cut.json": b'[' + good.encode() + b',',
+           "lines.json": (good + "\n" + good + "\n").encode()}
+  for name, content in cases.items():
+    (tmp_path / name).write_bytes(content)
+  # These used to escape as UnicodeDecodeError / JSONDecodeError / IsADirectoryError tracebacks.
+  for name, message in (("latin1.jsonl", r"latin1.jsonl:3: not UTF-8 text"),
+                        ("cut.json", r"cut.json:1: not valid JSON"),
+                        ("lines.json", r"lines.json:2: not valid JSON \(Extra data\); JSON-lines files must be named"),
+                        ("", r"is a folder")):
+    with pytest.raises(sft.SFTDataError, match=message):
+      sft.load_records(tmp_path / name)
+
+
 def test_no_trained_tokens_is_counted(tok):
   record = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "loss": False}]}
   _, summary = sft.build_sft_rows([record], tok, seq_len=64)

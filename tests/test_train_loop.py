@@ -179,3 +179,52 @@ def test_convert_training_workdir_to_hf_folder(uninterrupted, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params,
                _final_params(workdir, 8))
   assert Tokenizer(tmp_path / "hf").vocab_size == params["embed"].shape[0]
+
+
+def test_workdir_mistakes_are_one_clear_error(corpus, tmp_path):
+  """A workdir that is a file, and one holding another model's checkpoints: a ConfigError / CheckpointError, and
+  the run on disk keeps its model_config.json (it used to be overwritten before the resume failed)."""
+  import jax
+  import jax.numpy as jnp
+  from configs import pretrain_tiny
+  from internlm_jax import checkpoint as checkpoint_lib
+  from internlm_jax.config import ConfigError, get_preset
+  from internlm_jax.train.loop import run
+  from internlm_jax.train.optimizer import OptimizerConfig, make_optimizer
+  root, tok = corpus
+  cfg = pretrain_tiny.get_config()
+  cfg.model.preset, cfg.steps, cfg.batch_size, cfg.seq_len = "tiny", 2, 8, 32
+  cfg.data.corpus, cfg.data.train_paths, cfg.data.tokenizer = "files", str(root / "train"), tok
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ConfigError, match="is a file, not a folder"):
+    run(cfg, str(tmp_path / "file"))
+  # A run of a wider model (eager zeros: no compile) in the workdir.
+  other = get_preset("tiny").replace(vocab_size=320, hidden_size=128)
+  abstract = checkpoint_lib.abstract_train_state(other, make_optimizer(OptimizerConfig(total_steps=2)))
+  with checkpoint_lib.CheckpointManager(tmp_path / "run" / "checkpoints", save_every=1, async_save=False) as ckpt:
+    ckpt.save(1, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract))
+  (tmp_path / "run" / "model_config.json").write_text('{"hidden_size": 128}')
+  with pytest.raises(checkpoint_lib.CheckpointError, match="a different one needs a new workdir"):
+    run(cfg, str(tmp_path / "run"))
+  assert (tmp_path / "run" / "model_config.json").read_text() == '{"hidden_size": 128}'
+
+
+def test_config_flag_mistakes_are_one_line(tmp_path):
+  """ml_collections' bare AttributeError for an unknown override key, and its deferred error for a missing
+  config file, used to end in tracebacks. Only absl and the launch helpers load here: no JAX, about a second."""
+  script = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from absl import app; "
+            "from _launch import define_config, parse_flags; c = define_config(sys.argv.pop(1), ''); "
+            "app.run(lambda argv: print('steps', c.value.steps), flags_parser=parse_flags)")
+  base = [sys.executable, "-c", script, os.path.join(ROOT, "experiments"),
+          os.path.join(ROOT, "configs", "pretrain_tiny.py")]
+  for extra, expected in ((["--config.steps=3"], None),
+                          (["--config.stepz=3"], "names a key the config does not have: 'stepz' Did you mean"),
+                          ([f"--config={ROOT}/configs/pretrain_tiny.py", "--config.model.overrides.num_layers=2"],
+                           "does not have: 'num_layers'"),
+                          ([f"--config={tmp_path}/nope.py"], "error: cannot load --config=")):
+    out = subprocess.run(base + extra, env=_env(), capture_output=True, text=True, timeout=60)
+    if expected is None:
+      assert out.returncode == 0 and out.stdout.strip() == "steps 3", out.stderr[-2000:]
+    else:
+      assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+      assert out.stderr.strip().splitlines()[-1].startswith("error: ") and expected in out.stderr

@@ -69,6 +69,10 @@ def make_pretrain_dataset(source: Sequence[str], tokenizer, *, seq_len: int, bat
   ds = grain.MapDataset.source(source)[index::count]
   if len(ds) == 0:
     raise DataError(f"data shard {index} of {count} is empty: the corpus has only {total} documents")
+  # Blank documents are filtered out below; if all of them are blank, a repeating stream would spin forever
+  # looking for one (and a one-epoch stream would be silently empty). Stops at the first non-blank document.
+  if not any(_not_blank(ds[i]) for i in range(len(ds))):
+    raise DataError(f"data shard {index} of {count}: all {len(ds)} documents are empty or whitespace")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:

@@ -333,14 +333,29 @@ def build_dpo_rows(records: Iterable[Mapping[str, Any]], tokenizer, seq_len: int
 def load_records(path: str | os.PathLike) -> list[Any]:
   """Records of a .jsonl file (one JSON value per line) or a .json file holding a list."""
   path = os.fspath(path)
-  with open(path, encoding="utf-8") as f:
-    if path.endswith(".json"):
-      data = json.load(f)
-      if not isinstance(data, list):
-        raise SFTDataError(f"{path}: a .json dataset must hold a list of records")
-      return data
-    out = []
-    for n, line in enumerate(f, 1):
+  if os.path.isdir(path):  # open() would raise IsADirectoryError deep in the loader
+    raise SFTDataError(f"{path}: is a folder; name the .jsonl / .json files (comma-separated)")
+  # Undecodable bytes and a malformed .json would otherwise escape as a raw UnicodeDecodeError/JSONDecodeError
+  # traceback; each is reported with the file (and line) to fix.
+  if path.endswith(".json"):
+    with open(path, encoding="utf-8") as f:
+      try:
+        data = json.load(f)
+      except UnicodeDecodeError as e:
+        raise SFTDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
+      except json.JSONDecodeError as e:
+        hint = "; JSON-lines files must be named .jsonl" if e.msg == "Extra data" else ""
+        raise SFTDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}){hint}") from None
+    if not isinstance(data, list):
+      raise SFTDataError(f"{path}: a .json dataset must hold a list of records")
+    return data
+  out = []
+  with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte is reported with its line
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise SFTDataError(f"{path}:{n}: not UTF-8 text ({e.reason}); re-encode the file as UTF-8") from None
       if line.strip():
         try:
           out.append(json.loads(line))

@@ -155,6 +155,9 @@ class JsonlSource:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise DataError(f"{self._spans.where(index)}: record {index} is not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:  # json.loads decodes the bytes first; a bare traceback otherwise
+      raise DataError(f"{self._spans.where(index)}: record {index} is not UTF-8 text ({e.reason}); re-encode "
+                      "the file as UTF-8") from None
     return _field(record, self.field, f"{self._spans.where(index)}: record {index}")
 
   def __repr__(self) -> str:

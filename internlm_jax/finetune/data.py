@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from absl import logging
+
 from internlm_jax.config import ConfigError
 from internlm_jax.data import sft
 from internlm_jax.data import shakespeare_tasks as tasks_lib
@@ -76,4 +78,9 @@ def build_finetune_data(cfg, tokenizer) -> FinetuneData:
       eval_rows, eval_summary = sft.build_sft_rows(sft_heldout, tokenizer, cfg.seq_len, **opts)
   if summary.rows == 0:
     raise ConfigError(f"no training rows: {summary}")
+  for name, counted in (("training", summary), ("held-out", eval_summary)):
+    if counted is not None and counted.skipped:  # the scripts log at WARNING: say it, not only in summary.json
+      logging.warning("%s data: %d of %d records skipped %s, e.g. %s; raise seq_len, change data.truncation or "
+                      "fix the records", name, sum(counted.skipped.values()), counted.samples, counted.skipped,
+                      counted.errors[0])
   return FinetuneData(rows, eval_rows, [r for r in heldout if isinstance(r, dict)], summary, eval_summary)

@@ -40,7 +40,7 @@ from internlm_jax.tokenizer import Tokenizer
 from internlm_jax.train import metrics as metrics_lib
 from internlm_jax.train.dpo import make_dpo_step
 from internlm_jax.train.finetune_step import create_adapter_state, make_eval_loss, make_finetune_step
-from internlm_jax.train.loop import TrainingHalted
+from internlm_jax.train.loop import TrainingHalted, make_workdir
 from internlm_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from internlm_jax.train.state import TrainState, train_state_shardings
 from internlm_jax.train.step import make_train_step
@@ -123,7 +123,7 @@ def _eval_loss(fn, args, rows, cfg, sharding) -> float | None:
 def run(cfg, workdir: str) -> dict:
   """Fine-tunes (or resumes) per `cfg`; returns the summary dict also written to WORKDIR/summary.json."""
   validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  make_workdir(workdir)
   mesh = make_mesh(**dict(cfg.mesh))
   model, base, tokenizer = _load(cfg, mesh)
   data = build_finetune_data(cfg, tokenizer)

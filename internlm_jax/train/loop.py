@@ -80,6 +80,18 @@ def validate(cfg) -> None:
     raise ConfigError("config.data.corpus='files' needs config.data.train_paths (comma-separated files/folders)")
 
 
+def make_workdir(workdir: str) -> None:
+  """Creates the run folder; one line naming the path instead of an OSError traceback when it cannot be used."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir!r} is a file, not a folder; pass a new or existing run folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir!r} cannot be created ({e.strerror}); pass a writable folder") from None
+  if not os.access(workdir, os.W_OK):
+    raise ConfigError(f"--workdir={workdir!r} is not writable; pass a writable folder")
+
+
 def _split_paths(value: str) -> list[str]:
   return [p for p in str(value).split(",") if p]
 
@@ -180,7 +192,7 @@ def run(cfg, workdir: str, on_log=None) -> dict:
   on_log(step, record): called on process 0 with every metrics record (e.g. a notebook's live loss plot).
   """
   validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  make_workdir(workdir)
   mesh = make_mesh(**dict(cfg.mesh))
   tokenizer, train_source, val_source = build_data(cfg)
   model = model_config_from(cfg, tokenizer.vocab_size)
@@ -196,14 +208,16 @@ def run(cfg, workdir: str, on_log=None) -> dict:
   abstract = jax.eval_shape(fresh_state)
   shardings = train_state_shardings(abstract, tx, mesh, param_sharding)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  ckpt = checkpoint_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
+                                          keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
+  state, data_state = ckpt.restore_or_init(abstract, fresh_state)
+  # Written only once the checkpoints are known to fit this config: a mismatched rerun must not overwrite the
+  # description of the run that is on disk.
   if jax.process_index() == 0:  # serving, evaluation and convert.py read the model and tokenizer from here
     with open(os.path.join(workdir, "model_config.json"), "w") as f:
       json.dump(dataclasses.asdict(model), f, indent=2)
     if os.path.abspath(tokenizer.path) != os.path.abspath(os.path.join(workdir, "tokenizer.model")):
       shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))
-  ckpt = checkpoint_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
-                                          keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
-  state, data_state = ckpt.restore_or_init(abstract, fresh_state)
   start = int(state.step)
 
   rows, shard_index, shard_count, to_global = _host_reader(cfg)
