@@ -33,9 +33,9 @@ def requests(n, seed=0):
   return out
 
 
-def drive(engine, work, slots):
+def drive(engine, work, slots, halt=False, steps_run=None):
   """Runs `work` on `engine`, request i in slots[i], joining at its call; -> ({i: tokens}, {i: logprobs}, the
-  bucket's slots of every call)."""
+  bucket's slots of every call). `halt`: calls end when a slot finishes (their step counts go to `steps_run`)."""
   buckets, bucket_rows = [], engine._bucket_rows
 
   def spy(live):
@@ -55,7 +55,9 @@ def drive(engine, work, slots):
       running[slots[i]], tokens[i], logprobs[i] = i, [], []
     for slot, i in running.items():
       engine.reserve(slot, min(engine.ec.steps_per_call, work[i][1].max_tokens - len(tokens[i])))
-    state, result = engine.generate(state)
+    state, result = engine.generate(state, halt_on_finish=halt)
+    if steps_run is not None:
+      steps_run.append(result.tokens.shape[0])
     for slot, i in list(running.items()):
       keep = result.valid[:, slot]
       tokens[i] += result.tokens[keep, slot].tolist()
@@ -96,10 +98,20 @@ def test_buckets_match_the_full_batch(model):
   work = requests(24, seed=3)
   slots = list(range(len(work)))
   full = drive(Engine(params, config, dataclasses.replace(EC, min_decode_bucket=EC.max_slots)), work, slots)
-  bucketed = drive(Engine(params, config, dataclasses.replace(EC, min_decode_bucket=16)), work, slots)
+  engine = Engine(params, config, dataclasses.replace(EC, min_decode_bucket=16))
+  bucketed = drive(engine, work, slots)
+  bucketed_calls, compiled = len(bucketed[2]), engine._generate._cache_size()
   assert {len(rows) for rows in full[2]} == {32} and 16 in {len(rows) for rows in bucketed[2]}
   assert bucketed[0] == full[0]
   assert bucketed[1] == full[1]
+  # generate(halt_on_finish=True), what the scheduler asks for while requests wait, ends a call after the step in
+  # which a slot finishes: more, shorter calls, the same outputs bitwise, nothing recompiled.
+  steps_run = []
+  halted = drive(engine, work, slots, halt=True, steps_run=steps_run)
+  assert halted[0] == full[0] and halted[1] == full[1]
+  assert min(steps_run) < EC.steps_per_call and max(steps_run) == EC.steps_per_call
+  assert len(steps_run) > bucketed_calls
+  assert engine._generate._cache_size() == compiled
 
 
 def test_warmup_compiles_every_bucket_and_changes_nothing(model):

@@ -6,10 +6,13 @@ sequence.
   DecodeState.slots: per-slot rows [B] (and logits [B, V], seen [B, V], stop_ids [B, MAX_STOP_IDS])
   StepResult: tokens, valid, logprob [n, B]; top_ids, top_logprobs [n, B, N]
 
-A generate call runs n decode steps in one lax.scan: each step samples every active slot's next token from the
+A generate call runs up to n decode steps in one device loop: each step samples every active slot's next token from the
 logits it holds, feeds the token through the model (writing its key/value) and keeps the new logits. A slot stops
 on a stop token id or when its token budget runs out, on device, so the host only has to reserve pages for n more
-tokens per slot before the call. Stop strings are the host's job (the scheduler frees the slot).
+tokens per slot before the call. Stop strings are the host's job (the scheduler frees the slot). With
+`halt_on_finish` (a traced flag: no extra compile) the call ends after the first step in which a slot finishes, so
+a waiting request takes its slot at once instead of after up to n - 1 idle steps (the scheduler sets it while
+requests wait); the result then holds only the steps that ran.
 
 A call decodes only a bucket of b slots, the smallest power of two (at least min_decode_bucket, at most B)
 covering the slots that may be active: their rows are gathered, run, and scattered back. A decode step's cost
@@ -166,7 +169,7 @@ class Engine:
     last = jnp.take(logits, n_valid - 1, axis=0)
     return cache, last, sampling.token_logprobs(logits, targets, max(top_n, 1))
 
-  def _generate_fn(self, params, state: DecodeState, rows, *, steps, width):
+  def _generate_fn(self, params, state: DecodeState, rows, halt_on_finish, *, steps, width):
     # Only the bucket's rows [b] (distinct slots) are decoded. Attention reads only the first `width` pages of
     # each slot: enough for every active slot's tokens.
     table = state.page_table[rows, :width]
@@ -196,9 +199,25 @@ class Engine:
           seen=s.seen.at[r, token].set(s.seen[r, token] | valid))
       return (cache, s), (token, valid, logprob, top_ids, top_lp)
 
-    (cache, bucket), out = jax.lax.scan(step, (state.cache, bucket), None, length=steps)
+    # A while loop rather than a scan so that it can stop early; its output buffers are filled a step at a time.
+    one = jax.eval_shape(step, (state.cache, bucket), None)[1]
+    empty = tuple(jnp.zeros((steps,) + x.shape, x.dtype) for x in one)
+
+    def keep_going(carry):
+      i, halted = carry[:2]
+      return (i < steps) & ~halted
+
+    def body(carry):
+      i, _, cache, s, outs = carry
+      (cache, s_next), out = step((cache, s), None)
+      finished = out[1] & ~s_next.active  # valid this step, inactive now: a stop token or the budget spent
+      outs = tuple(buf.at[i].set(x) for buf, x in zip(outs, out))
+      return i + 1, halt_on_finish & jnp.any(finished), cache, s_next, outs
+
+    ran, _, cache, bucket, out = jax.lax.while_loop(
+        keep_going, body, (jnp.int32(0), jnp.bool_(False), state.cache, bucket, empty))
     slots = jax.tree.map(lambda full, part: full.at[rows].set(part), state.slots, bucket)
-    return DecodeState(cache, slots, state.page_table), out + (bucket.active,)
+    return DecodeState(cache, slots, state.page_table), out + (bucket.active, ran)
 
   # ---- state ------------------------------------------------------------------------------------------------
   def init_state(self) -> DecodeState:
@@ -335,8 +354,11 @@ class Engine:
     """Pages for `num_tokens` more tokens in `slot` before a generate call (CacheFullError if short)."""
     self.allocator.reserve(slot, int(self.allocator.lengths[slot]) + num_tokens)
 
-  def generate(self, state: DecodeState, steps: int | None = None) -> tuple[DecodeState, StepResult]:
-    """`steps` (default steps_per_call) decode steps for every active slot, one device-to-host copy."""
+  def generate(self, state: DecodeState, steps: int | None = None,
+               halt_on_finish: bool = False) -> tuple[DecodeState, StepResult]:
+    """`steps` (default steps_per_call) decode steps for every active slot, one device-to-host copy; with
+    `halt_on_finish`, fewer: it stops after the first step in which a slot finishes (the result's n is the steps
+    that ran)."""
     steps = steps or self.ec.steps_per_call
     B = self.ec.max_slots
     state = self._sync_table(state)
@@ -346,11 +368,13 @@ class Engine:
     longest = int(self.allocator.lengths[live].max(initial=0)) + steps
     width = min(_next_pow2(self.allocator.pages_for(longest)), self.pages_per_seq)
     with self._ctx():
-      state, out = self._generate(self.params, state, jnp.asarray(rows), steps=steps, width=width)
-    *out, active = jax.device_get(out)
+      state, out = self._generate(self.params, state, jnp.asarray(rows), np.bool_(halt_on_finish), steps=steps,
+                                  width=width)
+    *out, active, ran = jax.device_get(out)
     self._live[rows] = active
     full = []
     for x in out:  # bucket columns [n, b, ...] -> slot columns [n, B, ...]; slots outside the bucket are idle
+      x = x[:int(ran)]
       y = np.zeros((x.shape[0], B) + x.shape[2:], x.dtype)
       y[:, rows] = x
       full.append(y)
@@ -380,8 +404,8 @@ class Engine:
     with self._ctx():
       for width in widths:
         for b in buckets:
-          state, out = self._generate(self.params, state, jnp.arange(b, dtype=jnp.int32), steps=steps,
-                                      width=width)
+          state, out = self._generate(self.params, state, jnp.arange(b, dtype=jnp.int32), np.bool_(False),
+                                      steps=steps, width=width)
     jax.block_until_ready(out)
     return state
 

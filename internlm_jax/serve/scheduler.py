@@ -222,7 +222,8 @@ class Scheduler:
         if self._running:
           self._reserve_pages()
           t3 = time.perf_counter()
-          self._state, result = self.engine.generate(self._state)
+          # While requests wait, end the call when a slot frees up, so one of them can take it next turn.
+          self._state, result = self.engine.generate(self._state, halt_on_finish=bool(self._queue))
           t4 = time.perf_counter()
           self._dispatch(result)
           t5 = time.perf_counter()
