@@ -69,8 +69,11 @@ def make_llm():
       raise app.UsageError("--scripted=oracle only answers benchmark tasks; add --bench")
     from internlm_jax.agent.bench import oracle_llm
     return oracle_llm(AGENT.value)
-  with open(SCRIPTED.value) as f:
-    replies = json.load(f)
+  try:
+    with open(SCRIPTED.value) as f:
+      replies = json.load(f)
+  except ValueError as e:  # the decoder's message alone does not say which file
+    raise ValueError(f"--scripted={SCRIPTED.value} is not valid JSON: {e}") from None
   if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
     raise app.UsageError(f"{SCRIPTED.value} must hold a JSON list of reply strings")
   return ScriptedLLM(replies)
@@ -106,7 +109,10 @@ def write(payload) -> None:
 
 def main(argv):
   del argv
-  llm = make_llm()
+  try:
+    llm = make_llm()
+  except (OSError, ValueError) as e:  # a missing or malformed --scripted file or --checkpoint folder
+    sys.exit(f"error: {e}")
   try:
     run(llm)
   finally:
@@ -126,7 +132,11 @@ def run(llm) -> None:
     raise app.UsageError("--task is required (or --bench)")
   workdir = WORKDIR.value or tempfile.mkdtemp(prefix="agent_")
   os.makedirs(workdir, exist_ok=True)
-  agent = make_agent(llm, builtin_tools(TOOLS.value, workdir=workdir, documents=DOCUMENTS.value))
+  try:
+    tools = builtin_tools(TOOLS.value, workdir=workdir, documents=DOCUMENTS.value)
+  except (OSError, ValueError) as e:  # an unknown tool name, or search without --documents
+    sys.exit(f"error: {e}")
+  agent = make_agent(llm, tools)
   try:
     result = agent.run(TASK.value)
   finally:

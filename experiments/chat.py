@@ -47,6 +47,8 @@ def chat_loop(scheduler, tokenizer, sampling, system: str, read: Callable[[str],
     except EOFError:
       write("\n")
       return history
+    # Undecodable input bytes arrive as lone surrogates (surrogateescape), which the tokenizer cannot encode.
+    line = line.encode("utf-8", "replace").decode("utf-8")
     command = line.strip()
     if command in ("/exit", "/quit"):
       return history
@@ -96,10 +98,20 @@ def main(argv):
   from internlm_jax.serve.sampling import SamplingParams
   from internlm_jax.serve.scheduler import Scheduler
 
-  tokenizer = loading.find_tokenizer(_CHECKPOINT.value, _TOKENIZER.value)
-  mesh = loading.serving_mesh(_TENSOR.value)
-  config, params = loading.load_model(_CHECKPOINT.value, preset=_PRESET.value, mesh=mesh,
-                                      dtype=_DTYPE.value, quant=_QUANT.value)
+  if not _CHECKPOINT.value and not _PRESET.value:
+    sys.exit("error: pass --checkpoint=DIR (HF InternLM2 folder or params checkpoint) or --preset=NAME")
+  if _CHECKPOINT.value and not os.path.isdir(_CHECKPOINT.value):
+    sys.exit(f"error: --checkpoint={_CHECKPOINT.value} is not a folder (an HF InternLM2 folder or a params "
+             "checkpoint; convert training workdirs with experiments/convert.py)")
+  try:
+    tokenizer = loading.find_tokenizer(_CHECKPOINT.value, _TOKENIZER.value)
+    mesh = loading.serving_mesh(_TENSOR.value)
+    config, params = loading.load_model(_CHECKPOINT.value, preset=_PRESET.value, mesh=mesh,
+                                        dtype=_DTYPE.value, quant=_QUANT.value)
+  except (OSError, ValueError) as e:  # a missing folder, tokenizer or preset; a malformed checkpoint
+    sys.exit(f"error: {e}")
+  if hasattr(sys.stdin, "reconfigure"):  # a non-UTF-8 line must not end the chat (strict locales raise)
+    sys.stdin.reconfigure(errors="replace")
   ec = EngineConfig(max_slots=1, max_seq_len=min(_MAX_SEQ_LEN.value, config.max_position_embeddings),
                     sample_vocab=min(tokenizer.vocab_size, config.vocab_size))
   engine = loading.build_engine(config, params, ec, mesh=mesh, tensor=_TENSOR.value)

@@ -30,6 +30,13 @@ TENSOR = flags.DEFINE_integer("tensor", 2, "tensor-parallel mesh size (must divi
 
 def main(argv):
   del argv
+  try:
+    _main()
+  except (OSError, ValueError) as e:  # a missing checkpoint or tokenizer, an unknown preset, bad prompt ids
+    sys.exit(f"error: {e}")
+
+
+def _main():
   mesh = make_mesh(data=1, fsdp=FSDP.value, tensor=TENSOR.value)
   tokenizer = None
   if HF.value:
@@ -49,7 +56,12 @@ def main(argv):
       raise app.UsageError("--prompt needs a checkpoint folder with tokenizer.model; use --prompt_ids otherwise")
     prompt = tokenizer.encode(PROMPT.value, add_bos=True)
   else:
-    prompt = [int(t) for t in PROMPT_IDS.value]
+    prompt = [int(t) if t.strip().isdigit() else -1 for t in PROMPT_IDS.value]
+    if not prompt or not all(0 <= t < config.vocab_size for t in prompt):
+      # Out-of-range ids would be clamped by the embedding lookup and continue a different prompt.
+      raise ValueError(f"--prompt_ids must be 1 or more ids in [0, {config.vocab_size}), got {PROMPT_IDS.value}")
+  if MAX_NEW.value < 1:
+    raise ValueError(f"--max_new_tokens must be at least 1, got {MAX_NEW.value}")
   with jax.set_mesh(mesh):
     new = generate(params, config, [prompt], MAX_NEW.value)[0]
   print("prompt ids:", prompt)

@@ -37,8 +37,14 @@ def _plot(path, series, ylabel, title):
 
 
 def _read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  records = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue  # blank, or the torn last line of a run killed (or still running) mid-write
+  return [r for r in records if isinstance(r, dict) and "step" in r]
 
 
 def _numeric(records, key):

@@ -379,12 +379,25 @@ def train_tokenizer(prefix: str | os.PathLike, vocab_size: int, *, texts: Iterab
     raise TokenizerError(f"vocab_size must be at least {min_size} (specials + 256 byte pieces), got {vocab_size}")
   file_list = _text_files(files)
 
+  has_text = []  # set once a non-blank sentence went by: an empty corpus gets a message naming it
+
   def sentences() -> Iterable[str]:
     for text in texts:
       yield from _chunks(text, max_sentence_length)
     for path in file_list:
       with open(path, encoding="utf-8", errors="replace") as f:
         yield from _chunks(f.read(), max_sentence_length)
+
+  def counted() -> Iterable[str]:
+    for sentence in sentences():
+      if not has_text and sentence.strip():
+        has_text.append(True)
+      yield sentence
+
+  def no_text() -> TokenizerError:
+    inputs = [*file_list] or ["the given texts"]
+    return TokenizerError(f"no text to train the tokenizer on: {', '.join(inputs[:3])}"
+                          f"{' ...' if len(inputs) > 3 else ''} hold only empty or whitespace documents")
 
   prefix = os.fspath(prefix)
   os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
@@ -397,7 +410,14 @@ def train_tokenizer(prefix: str | os.PathLike, vocab_size: int, *, texts: Iterab
       input_sentence_size=input_sentence_size, shuffle_input_sentence=True, num_threads=num_threads,
       minloglevel=2)
   try:
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences()), **options)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(counted()), **options)
   except RuntimeError as e:
+    if not has_text:
+      raise no_text() from None
     raise TokenizerError(f"sentencepiece training for {prefix!r} failed: {str(e).splitlines()[0]}") from None
+  if not has_text:  # whitespace alone trains a byte-only model: useless, and not what was asked for
+    for ext in (".model", ".vocab"):
+      if os.path.exists(prefix + ext):
+        os.remove(prefix + ext)
+    raise no_text()
   return prefix + ".model"

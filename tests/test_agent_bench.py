@@ -62,3 +62,11 @@ def test_cli_scripted_task_writes_output(tmp_path):
   assert "accuracy 1.00" in proc.stdout and json.loads((tmp_path / "b.json").read_text())["accuracy"] == 1.0
   proc = run_cli("--task=x")
   assert proc.returncode != 0 and "exactly one model source" in proc.stderr
+
+
+def test_cli_setup_errors_are_one_line(tmp_path):
+  (tmp_path / "replies.json").write_text('["Final Answer: 1",')  # a truncated file
+  proc = run_cli("--task=x", f"--scripted={tmp_path / 'replies.json'}")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --scripted={tmp_path / 'replies.json'} is not "
+                                                         "valid JSON")

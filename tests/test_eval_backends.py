@@ -93,6 +93,39 @@ def test_http_errors_are_clear(local):
     OpenAIBackend("127.0.0.1:9", "tiny")
 
 
+def test_a_server_that_is_not_an_openai_endpoint_is_a_backend_error():
+  import http.server
+  import threading
+
+  class Handler(http.server.BaseHTTPRequestHandler):  # /html/...: a web page; else JSON without choices
+    def log_message(self, *args):
+      pass
+
+    def do_POST(self):  # noqa: N802
+      self.rfile.read(int(self.headers["Content-Length"]))
+      body = b"<html>\n<body>Jupyter</body>\n</html>" if self.path.startswith("/html/") else b'{"data": []}'
+      self.send_response(200)
+      self.send_header("Content-Length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  base = f"http://127.0.0.1:{server.server_address[1]}"
+  try:
+    page = OpenAIBackend(base + "/html/v1", "m", max_length=64, max_retries=0)
+    with pytest.raises(backends.BackendError, match="not JSON .*'<html> <body>Jupyter"):
+      page.generate(["hi"], max_tokens=2)
+    other = OpenAIBackend(base + "/v1", "m", max_length=64, max_retries=0)
+    with pytest.raises(backends.BackendError, match="has no 'choices'"):
+      other.generate(["hi"], max_tokens=2)
+    with pytest.raises(backends.BackendError, match="has no 'choices'"):
+      other.chat([[{"role": "user", "content": "hi"}]], max_tokens=2)
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
 def test_train_eval_hook_returns_loggable_metrics(local):
   from internlm_jax.eval import presets, runner
   cfg = presets.eval_config({"shakespeare": presets.shakespeare_ppl(limit=1, max_chars=300)})

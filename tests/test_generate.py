@@ -1,4 +1,8 @@
 """Greedy continuation equals repeated full forwards; ragged prompts and stop tokens behave."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,3 +37,12 @@ def test_generation_stops_at_stop_ids_and_sampling_is_seeded():
   assert a == generate(params, TINY, [[5, 9]], 8, temperature=1.0, seed=3)
   with pytest.raises(ValueError, match="at least one token"):
     generate(params, TINY, [[]], 4)
+
+
+def test_script_errors_are_one_line(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, os.path.join(root, "experiments", "generate.py"),
+                         f"--hf_checkpoint={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing'}: no such checkpoint folder"

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP API: routes, echo/logprobs scoring, streaming, tool calls, and 4xx (never 500) for bad
 input. A tiny random model behind a real scheduler; tool-call mapping also through a scripted scheduler."""
+import functools
 import importlib.util
 import json
 import os
@@ -226,14 +227,36 @@ def test_chat_tool_call_round_trip(setup):
   assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_terminal_chat_keeps_history_and_resets(setup):
-  _, sched, tok, _ = setup
+@functools.cache
+def _chat_script():  # loaded once: its absl flags can be defined only once per process
   spec = importlib.util.spec_from_file_location("chat_script", os.path.join(ROOT, "experiments", "chat.py"))
   chat = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(chat)
+  return chat
+
+
+def test_terminal_chat_keeps_history_and_resets(setup):
+  _, sched, tok, _ = setup
+  chat = _chat_script()
   lines = iter(["Hi", "/reset", "Paris?", "And tomorrow?", "/exit"])
   out = []
   history = chat.chat_loop(sched, tok, SamplingParams(max_tokens=3, temperature=0.0), "Be brief.",
                            lambda prompt: next(lines), out.append)
   assert [m["role"] for m in history] == ["user", "assistant"] * 2
   assert history[0]["content"] == "Paris?" and "(history cleared)\n" in out
+
+
+def test_terminal_chat_survives_undecodable_input(setup):
+  _, sched, tok, _ = setup
+  chat = _chat_script()
+  lines = iter([b"caf\xe9 ok?".decode("utf-8", "surrogateescape")])  # what input() gives for latin-1 bytes
+
+  def read_then_eof(prompt):
+    try:
+      return next(lines)
+    except StopIteration:
+      raise EOFError from None  # Ctrl-D
+
+  history = chat.chat_loop(sched, tok, SamplingParams(max_tokens=2, temperature=0.0), "", read_then_eof,
+                           lambda text: None)
+  assert history[0]["content"] == "caf? ok?" and history[1]["role"] == "assistant"

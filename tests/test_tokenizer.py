@@ -230,6 +230,14 @@ def test_train_tokenizer_errors(tmp_path):
     tk.train_tokenizer(tmp_path / "t", 400, files=[tmp_path / "missing.txt"])
   with pytest.raises(tk.TokenizerError, match="vocab_size must be at least"):
     tk.train_tokenizer(tmp_path / "t", 100, texts=["abc"])
+  # An empty corpus used to fail inside sentencepiece ("[!sentences_.empty()]"); a whitespace-only one quietly
+  # trained a byte-only model.
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "blank.txt").write_text("  \n\t\n")
+  for name in ("empty.txt", "blank.txt"):
+    with pytest.raises(tk.TokenizerError, match=f"no text to train the tokenizer on: .*{name}"):
+      tk.train_tokenizer(tmp_path / "t", 400, files=[tmp_path / name])
+    assert not (tmp_path / "t.model").exists()
 
 
 def test_malformed_call_replays_verbatim(tok):

@@ -23,6 +23,7 @@ class SampleCache:
     self.path = path
     self._values: dict[str, Any] = {}
     self.hits = 0
+    self._torn = False
     if path and os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         for line in f:
@@ -31,6 +32,11 @@ class SampleCache:
             self._values[record["key"]] = record["value"]
           except (ValueError, KeyError, TypeError):
             continue  # a torn line from an interrupted run
+      with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+          f.seek(-1, os.SEEK_END)
+          self._torn = f.read(1) != b"\n"  # appending right after it would spoil the next record too
     if path:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -49,6 +55,9 @@ class SampleCache:
     if not self.path or not items:
       return
     with open(self.path, "a", encoding="utf-8") as f:
+      if self._torn:
+        f.write("\n")
+        self._torn = False
       for key, value in items.items():
         f.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
       f.flush()

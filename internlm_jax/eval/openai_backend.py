@@ -51,13 +51,19 @@ class OpenAIBackend:
       request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
       try:
         with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-          return json.loads(response.read())
+          body = response.read()
+        try:
+          return json.loads(body)
+        except ValueError:  # a web page or another service on that port: retrying will not help
+          text = " ".join(body.decode("utf-8", errors="replace").split())[:200]
+          raise BackendError(f"{url} answered with something that is not JSON (is --api_base an OpenAI-"
+                             f"compatible endpoint?): {text!r}") from None
       except urllib.error.HTTPError as e:
         body = e.read().decode("utf-8", errors="replace")
         try:
           message = json.loads(body)["error"]["message"]
         except (ValueError, KeyError, TypeError):
-          message = body[:300]
+          message = " ".join(body.split())[:300]  # an HTML error page, on one line
         last = f"HTTP {e.code} from {url}: {message}"
         if e.code not in RETRY_STATUS:
           raise BackendError(last) from None
@@ -93,7 +99,7 @@ class OpenAIBackend:
                  "temperature": float(temperature), "seed": int(seed)}
       if stop:
         payload["stop"] = list(stop)
-      choices = sorted(self._request("/completions", payload)["choices"], key=lambda c: c["index"])
+      choices = _choices(self._request("/completions", payload), "/completions")
       if len(choices) != len(chunk):
         raise BackendError(f"asked for {len(chunk)} completions, the server returned {len(choices)}")
       out += [cut_at_stop(c["text"] or "", stop) for c in choices]
@@ -106,8 +112,8 @@ class OpenAIBackend:
                  "temperature": float(temperature), "seed": int(seed)}
       if stop:
         payload["stop"] = list(stop)
-      message = self._request("/chat/completions", payload)["choices"][0]["message"]
-      return cut_at_stop(message.get("content") or "", stop)
+      message = _choices(self._request("/chat/completions", payload), "/chat/completions")[0].get("message")
+      return cut_at_stop((message or {}).get("content") or "", stop)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, self.concurrency)) as pool:
       return list(pool.map(one, conversations))
@@ -129,12 +135,21 @@ class OpenAIBackend:
       chunk = seqs[start:start + self.batch_size]
       payload = {"model": self.model, "prompt": chunk, "max_tokens": 0, "echo": True, "logprobs": 1,
                  "temperature": 0.0}
-      choices = sorted(self._request("/completions", payload)["choices"], key=lambda c: c["index"])
+      choices = _choices(self._request("/completions", payload), "/completions")
       if len(choices) != len(chunk):
         raise BackendError(f"asked for {len(chunk)} scores, the server returned {len(choices)}")
       for choice, seq, n in zip(choices, chunk, spans[start:start + self.batch_size]):
         results.append(_continuation_score(choice.get("logprobs"), len(seq), n))
     return results
+
+
+def _choices(response: Any, path: str) -> list[dict]:
+  """The response's choices in index order; a BackendError, not a KeyError, when the server answered otherwise."""
+  choices = response.get("choices") if isinstance(response, dict) else None
+  if not choices or not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+    raise BackendError(f"{path}: the server's answer has no 'choices' (is --api_base an OpenAI-compatible "
+                       f"endpoint?): {json.dumps(response)[:200]}")
+  return sorted(choices, key=lambda c: c.get("index", 0))
 
 
 def _continuation_score(logprobs: dict | None, length: int, n: int) -> tuple[float, bool]:
