@@ -41,6 +41,8 @@ MIN_BUCKET = flags.DEFINE_integer("min_decode_bucket", 8, "load: the engine's sm
                                   "no buckets, every decode call runs all slots)")
 LOAD_QUANT = flags.DEFINE_enum("load_quant", "none", ["none", "int8"], "load: weights of both systems' engine "
                                 "(int8: per-channel, the native kernels on CPU)")
+HANDOFF = flags.DEFINE_bool("handoff", True, "load: the continuous scheduler ends a decode call when a slot frees "
+                            "while requests wait (false: every call runs --steps_per_call steps)")
 MERGE = flags.DEFINE_list("merge_load", [], "load: JSON outputs of earlier runs (same seed and requests) whose rates "
                           "join this run's before the ratio is computed")
 TORCH = flags.DEFINE_bool("torch", True, "time transformers generate")
@@ -278,18 +280,19 @@ def _load_section(config, params, rng, res, save):
   print(f"load: static capacity estimate {capacity:.2f} req/s, rates {[round(r, 2) for r in rates]}", flush=True)
   tokenizer = tiny_tokenizer(tempfile.mkdtemp())  # output ids past its vocabulary decode to nothing
   runs = bl.bench_load(engine, tokenizer, work, rates, SEED.value, STATIC_WAIT.value,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True), handoff=HANDOFF.value)
   for path in MERGE.value:
     with open(path) as f:
       earlier = json.load(f)
     assert earlier["load_requests"] == len(work), f"{path}: another trace"
     assert earlier.get("load_quant", "none") == LOAD_QUANT.value, f"{path}: other weights"
+    assert earlier.get("load_handoff", False) == HANDOFF.value, f"{path}: another continuous scheduler"
     runs += earlier.get("load_raw", earlier["load"])
   raw, runs = runs, bl.median_by_rate(runs)  # rates run more than once count by their medians
   ratios = bl.continuous_vs_static(runs, SLO.value)
   res.update(load_requests=len(work), load_prompt_mean=float(np.mean([len(p) for p, _ in work])),
              load_output_mean=float(np.mean([o for _, o in work])), load_slots=SLOTS.value,
-             load_min_decode_bucket=MIN_BUCKET.value, load_quant=LOAD_QUANT.value,
+             load_min_decode_bucket=MIN_BUCKET.value, load_quant=LOAD_QUANT.value, load_handoff=HANDOFF.value,
              load_static_wait_s=STATIC_WAIT.value, load_static_capacity_estimate=capacity, load=runs, load_raw=raw,
              **ratios)
   save("load")

@@ -17,9 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from _launch import define_config, parse_flags  # noqa: E402  (the script folder is on sys.path)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_tiny.py", "eval config file (configs/eval_*.py)")
+_CONFIG = define_config("configs/eval_tiny.py", "eval config file (configs/eval_*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "HF folder, params folder or training workdir")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "sentencepiece .model (default: the checkpoint's)")
@@ -32,6 +32,10 @@ _BACKEND = flags.DEFINE_enum("backend", "engine", ["engine", "dense"],
 _API_BASE = flags.DEFINE_string("api_base", "", "OpenAI-compatible endpoint, e.g. http://127.0.0.1:23333/v1")
 _MODEL = flags.DEFINE_string("model", "", "model name at the endpoint (--api_base)")
 _API_KEY = flags.DEFINE_string("api_key", "", "bearer token for the endpoint (default: $OPENAI_API_KEY)")
+_API_TIMEOUT = flags.DEFINE_float("api_timeout_s", 300.0, "seconds to wait for one endpoint request (a slow "
+                                  "generation may need minutes; lower it to fail fast on a stuck server)")
+_API_RETRIES = flags.DEFINE_integer("api_retries", 4, "retries of a failed endpoint request (connection errors, "
+                                    "429 and 5xx), with backoff")
 _NAME = flags.DEFINE_string("name", "", "model column in the summary table (default: derived)")
 _REUSE = flags.DEFINE_bool("reuse", False, "skip datasets whose results match the current config and model")
 _DATASETS = flags.DEFINE_list("datasets", [], "evaluate only these datasets of the config")
@@ -55,7 +59,8 @@ def _backend(cfg):
     return OpenAIBackend(_API_BASE.value, _MODEL.value, tokenizer=tokenizer, batch_size=batch_size,
                          api_key=_API_KEY.value or os.environ.get("OPENAI_API_KEY", ""),
                          concurrency=int(cfg.get("concurrency", 4)), max_length=max_length,
-                         name=_NAME.value or _MODEL.value)
+                         name=_NAME.value or _MODEL.value, timeout_s=_API_TIMEOUT.value,
+                         max_retries=_API_RETRIES.value)
   from internlm_jax.eval.loading import load_model
   config, params, tokenizer, described = load_model(_CHECKPOINT.value, tokenizer=_TOKENIZER.value,
                                                     train_config=_TRAIN_CONFIG.value, step=_STEP.value)
@@ -94,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -18,10 +18,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from _launch import define_config, parse_flags  # noqa: E402  (the script folder is on sys.path)
 from internlm_jax import host_memory  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_tiny.py", "base ml_collections config")
+_CONFIG = define_config("configs/pretrain_tiny.py", "base ml_collections config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "sweep directory", required=True)
 _GRID = flags.DEFINE_multi_string("grid", [], "KEY=V1,V2,... (dotted config key); the grid is the product")
 
@@ -109,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -133,3 +133,9 @@ def test_train_eval_hook_returns_loggable_metrics(local):
   out = hook(local.params, local.config, 10)
   assert set(out) == {"eval/shakespeare/perplexity", "eval/shakespeare/bits_per_byte"}
   assert all(np.isfinite(v) and v > 0 for v in out.values())
+
+
+@pytest.mark.parametrize("timeout_s,retries", [(0.0, 4), (30.0, -1)])
+def test_endpoint_timeout_and_retries_are_checked(timeout_s, retries):
+  with pytest.raises(backends.BackendError, match="timeout must be > 0 s and retries >= 0"):
+    OpenAIBackend("http://127.0.0.1:9/v1", "m", timeout_s=timeout_s, max_retries=retries, max_length=64)

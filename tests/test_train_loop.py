@@ -109,6 +109,9 @@ def test_kill_minus_nine_then_rerun_is_bit_identical(corpus, uninterrupted, tmp_
   out = subprocess.run(_args(corpus, workdir), env=_env(), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert _losses(workdir) == _losses(full_dir)
+  # The killed run's records past its checkpoint were dropped on resume: every step is logged once.
+  records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
   a, b = _final_params(workdir, 8), _final_params(full_dir, 8)
   import jax
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
@@ -228,3 +231,17 @@ def test_config_flag_mistakes_are_one_line(tmp_path):
     else:
       assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
       assert out.stderr.strip().splitlines()[-1].startswith("error: ") and expected in out.stderr
+
+
+def test_resumed_metrics_drop_replayed_steps_and_a_torn_line(tmp_path):
+  """A kill leaves records past the restored checkpoint (those steps run again) and maybe a torn last line, which
+  the next record would be glued to: the writer keeps the records up to the restored step."""
+  from internlm_jax.train import metrics as metrics_lib
+  lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 7)]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "lo')
+  assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == list(range(1, 7))
+  writer = metrics_lib.MetricsWriter(str(tmp_path), total_steps=8, initial_step=4, progress=False)
+  writer.write(5, {"loss": 0.5})
+  writer.close()
+  assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5]
+  assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 5

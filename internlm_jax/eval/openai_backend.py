@@ -30,6 +30,8 @@ class OpenAIBackend:
                max_length: int | None = None, name: str | None = None):
     if not api_base.startswith(("http://", "https://")):
       raise BackendError(f"--api_base must be an http(s) URL, got {api_base!r}")
+    if not timeout_s > 0 or max_retries < 0:
+      raise BackendError(f"the endpoint timeout must be > 0 s and retries >= 0, got {timeout_s} and {max_retries}")
     base = api_base.rstrip("/")
     self.api_base = base if base.endswith("/v1") else base + "/v1"
     self.model, self.tokenizer, self.api_key = model, tokenizer, api_key

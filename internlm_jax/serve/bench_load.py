@@ -112,9 +112,9 @@ def run_static(engine: Engine, work, arrivals, wait_s: float = 0.0) -> dict:
   return summary(work, arrivals, first, done, timings)
 
 
-def run_continuous(engine: Engine, tokenizer, work, arrivals) -> dict:
+def run_continuous(engine: Engine, tokenizer, work, arrivals, handoff: bool = True) -> dict:
   from internlm_jax.serve.scheduler import Finished, Scheduler
-  sched = Scheduler(engine, tokenizer, max_queue=len(work)).start()
+  sched = Scheduler(engine, tokenizer, max_queue=len(work), handoff_on_finish=handoff).start()
   first, done, lock, finished = {}, {}, threading.Lock(), threading.Event()
   start = time.perf_counter()
 
@@ -156,7 +156,8 @@ def load_engine(config, params, work, slots: int, steps: int, min_bucket: int = 
   return engine, len(batch) / seconds
 
 
-def bench_load(engine: Engine, tokenizer, work, rates, seed: int, wait_s: float = 0.0, log=print) -> list[dict]:
+def bench_load(engine: Engine, tokenizer, work, rates, seed: int, wait_s: float = 0.0, log=print,
+               handoff: bool = True) -> list[dict]:
   """Both systems at each offered rate, on one Poisson trace per rate (drawn from seed and rate, so runs split
   over several invocations replay the same traces) -> [{rate, static, continuous}]."""
   runs = []
@@ -164,7 +165,7 @@ def bench_load(engine: Engine, tokenizer, work, rates, seed: int, wait_s: float 
     rng = np.random.default_rng([seed, int(rate * 1000) if np.isfinite(rate) else 0])
     arrivals = poisson_arrivals(len(work), rate, rng)
     static = run_static(engine, work, arrivals, wait_s)
-    continuous = run_continuous(engine, tokenizer, work, arrivals)
+    continuous = run_continuous(engine, tokenizer, work, arrivals, handoff)
     runs.append({"rate": rate, "static": static, "continuous": continuous})
     for name, r in (("continuous", continuous), ("static", static)):
       log(f"  load {rate:.2f} req/s {name:>10}: {r['requests_per_sec']:.2f} req/s, {r['output_tokens_per_sec']:.1f} "

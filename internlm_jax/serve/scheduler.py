@@ -110,8 +110,10 @@ class Scheduler:
   `max_queue` bounds the requests waiting for a slot; past it `submit` raises ServerBusyError."""
 
   def __init__(self, engine: Engine, tokenizer, *, max_running: int | None = None, max_queue: int = 64,
-               prefill_budget: int = 2048, default_stop_ids: Sequence[int] | None = None):
+               prefill_budget: int = 2048, default_stop_ids: Sequence[int] | None = None,
+               handoff_on_finish: bool = True):
     self.engine, self.tokenizer = engine, tokenizer
+    self.handoff_on_finish = handoff_on_finish  # end a generate call when a slot frees while requests wait
     self.max_running = min(max_running or engine.ec.max_slots, engine.ec.max_slots)
     self.max_queue = max_queue
     self.prefill_budget = prefill_budget
@@ -223,7 +225,7 @@ class Scheduler:
           self._reserve_pages()
           t3 = time.perf_counter()
           # While requests wait, end the call when a slot frees up, so one of them can take it next turn.
-          self._state, result = self.engine.generate(self._state, halt_on_finish=bool(self._queue))
+          self._state, result = self.engine.generate(self._state, halt_on_finish=self.handoff_on_finish and bool(self._queue))
           t4 = time.perf_counter()
           self._dispatch(result)
           t5 = time.perf_counter()

@@ -85,6 +85,7 @@ class MetricsWriter:
     if not self.is_writer:
       return
     os.makedirs(workdir, exist_ok=True)
+    _drop_replayed_records(self.path, initial_step)
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -136,12 +137,42 @@ def _plain(value):
   return value
 
 
+def _records(path: str) -> list[dict]:
+  """The parseable records of a metrics file; a line torn by a kill mid-write is skipped."""
+  out = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and isinstance(record.get("step"), int):
+        out.append(record)
+  return out
+
+
+def _drop_replayed_records(path: str, initial_step: int) -> None:
+  """On a resume from step N, the killed run's records past N describe steps that will run again (and a torn
+  last line would glue itself to the next record): keep only the records up to N, rewritten atomically."""
+  if not os.path.exists(path):
+    return
+  records = _records(path)
+  kept = [r for r in records if r["step"] <= initial_step]
+  with open(path, "rb") as f:
+    intact = f.read().endswith(b"\n") or os.path.getsize(path) == 0
+  if len(kept) == len(records) and intact:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(tmp, path)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _records(path)
 
 
 def plot_loss_curve(workdir: str, out_name: str = "loss_curve.png") -> str | None:
