@@ -159,7 +159,13 @@ def from_hf_config(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Mo
     raise ConfigError(f"{source}: InternLM2 config is missing field(s) {missing}")
   num_heads = int(hf["num_attention_heads"])
   hidden = int(hf["hidden_size"])
-  scaling = hf.get("rope_scaling") or None
+  # transformers 5 saves rope_scaling as rope_parameters (with rope_theta inside, rope_type "default" for none).
+  scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or None
+  scaling_type = (scaling.get("type") or scaling.get("rope_type")) if scaling else None
+  if scaling_type == "default":
+    scaling = scaling_type = None
+  if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # the SwiGLU MLP is hard-wired
+    raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (InternLM2 uses 'silu')")
   eos = hf.get("eos_token_id", 2)
   kwargs = dict(
       vocab_size=int(hf["vocab_size"]),
@@ -170,8 +176,8 @@ def from_hf_config(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Mo
       head_dim=int(hf.get("head_dim") or hidden // num_heads),
       intermediate_size=int(hf["intermediate_size"]),
       max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-      rope_theta=float(hf.get("rope_theta", 10000.0)),
-      rope_scaling_type=(scaling.get("type") or scaling.get("rope_type")) if scaling else None,
+      rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+      rope_scaling_type=scaling_type,
       rope_scaling_factor=float(scaling.get("factor", 1.0)) if scaling else 1.0,
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       bos_token_id=int(hf.get("bos_token_id", 1)),
@@ -185,7 +191,10 @@ def from_hf_config(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Mo
   if torch_dtype in DTYPES:
     kwargs["param_dtype"] = torch_dtype
   kwargs.update(overrides)
-  return ModelConfig(**kwargs)
+  try:
+    return ModelConfig(**kwargs)
+  except ConfigError as e:  # name the file: the field names differ from config.json's
+    raise ConfigError(f"{source}: {e}") from None
 
 
 def to_hf_config(config: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:

@@ -119,10 +119,15 @@ class _Source:
   where: str
   shapes: dict[str, tuple[int, ...]]
   dtypes: dict[str, np.dtype]
+  tied: dict[str, str] = {}  # name -> the stored tensor it reads (tie_word_embeddings)
 
   def read(self, name: str, view: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
     # np.array copies only the selected elements: for a memmap, only those pages are read from disk.
-    return np.array(self._tensor(name).reshape(view)[index])
+    return np.array(self._tensor(self.tied.get(name, name)).reshape(view)[index])
+
+  def tie(self, name: str, to: str) -> None:
+    self.tied = {name: to}
+    self.shapes[name], self.dtypes[name] = self.shapes[to], self.dtypes[to]
 
   def _tensor(self, name: str) -> np.ndarray:
     raise NotImplementedError
@@ -145,8 +150,11 @@ class _FolderSource(_Source):
       weight_map, files = None, ["model.safetensors"]
     else:
       weight_map, files = None, sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files and glob.glob(os.path.join(folder, "pytorch_model*.bin")):
+      raise CheckpointError(f"{folder}: has only pytorch_model*.bin weights, and only safetensors load; convert "
+                            "with transformers: from_pretrained(..., trust_remote_code=True).save_pretrained(DIR)")
     if not files:
-      raise CheckpointError(f"{folder}: no *.safetensors files (pytorch_model.bin checkpoints are not supported)")
+      raise CheckpointError(f"{folder}: no *.safetensors files")
     self._files: dict[str, _SafetensorsFile] = {}
     self.shapes, self.dtypes = {}, {}
     for fname in files:
@@ -255,13 +263,16 @@ def load_hf_checkpoint(path: str | os.PathLike, *, mesh=None, rules: ShardingRul
     raise CheckpointError(f"{config_path}: missing; an HF InternLM2 checkpoint folder needs a config.json")
   config = from_hf_config(config_path)
   source = _FolderSource(folder)
+  with open(config_path) as f:
+    hf = json.load(f)
+  # HF ties the head to the embedding and leaves output.weight out of the files.
+  embed = "model.tok_embeddings.weight"
+  if hf.get("tie_word_embeddings") and "output.weight" not in source.shapes and embed in source.shapes:
+    source.tie("output.weight", embed)
   if dtype is not None:
     config = config.replace(param_dtype=_dtype_name(dtype))
-  else:
-    with open(config_path) as f:
-      hf = json.load(f)
-    if (hf.get("torch_dtype") or hf.get("dtype")) not in DTYPES and "model.tok_embeddings.weight" in source.dtypes:
-      config = config.replace(param_dtype=source.dtypes["model.tok_embeddings.weight"].name)
+  elif (hf.get("torch_dtype") or hf.get("dtype")) not in DTYPES and embed in source.dtypes:
+    config = config.replace(param_dtype=source.dtypes[embed].name)
   return config, _build_params(config, source, mesh, rules)
 
 
@@ -294,6 +305,9 @@ def _check_params(config: ModelConfig, params: Params, layouts) -> None:
       shape = tuple(_get(params, path).shape)
     except (KeyError, TypeError):
       raise CheckpointError(f"params have no {'/'.join(path)}") from None
+    if not hasattr(_get(params, path), "dtype"):  # QArray, QuantizedWeight: HF InternLM2 has no int8/int4 format
+      raise CheckpointError(f"param {'/'.join(path)} is quantized ({type(_get(params, path)).__name__}); HF "
+                            "folders hold float weights: save the params from before quantization")
     if shape != _get(param_specs(config), path).shape:
       raise CheckpointError(f"param {'/'.join(path)} has shape {_shape_str(shape)}, the config needs "
                             f"{_shape_str(_get(param_specs(config), path).shape)}")

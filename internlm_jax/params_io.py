@@ -130,8 +130,18 @@ def convert(*, from_hf: str | None = None, to: str | None = None, from_ckpt: str
     logging.info("wrote HF folder %s (%d params)", to_hf, config.num_params())
 
 
+# Carried along so the converted folder serves, evaluates and loads in transformers on its own: the released
+# tokenizer.model names the chat pieces [UNUSED_TOKEN_14x]; tokenizer_config.json renames them <|im_start|>...,
+# and config.json's auto_map needs the remote-code *.py files.
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "tokenizer.json", "chat_template.jinja", "chat_template.json")
+
+
 def _copy_tokenizer(src: str, dst: str) -> None:
-  """Carries tokenizer.model along so the converted folder serves and evaluates on its own."""
-  path = os.path.join(src, "tokenizer.model")
-  if os.path.isfile(path) and jax.process_index() == 0:
-    shutil.copyfile(path, os.path.join(dst, "tokenizer.model"))
+  """Copies the tokenizer files and the remote-code *.py files of `src` into `dst`."""
+  if jax.process_index() != 0:
+    return
+  names = list(_TOKENIZER_FILES) + sorted(f for f in os.listdir(src) if f.endswith(".py"))
+  for name in names:
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))

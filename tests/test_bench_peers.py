@@ -1,11 +1,14 @@
 """The transformers peers of experiments/bench_serve.py on a tiny model: the int8 peer really is int8 (every
-Linear replaced, weights per output channel), stays close to the float32 peer, and generates under the timer."""
+Linear replaced, weights per output channel), stays close to the float32 peer, and generates under the timer.
+The llama.cpp peer's GGUF export takes an int8-quantized model."""
+import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from internlm_jax import PRESETS  # noqa: E402
 from internlm_jax.serve.bench_peers import bench_transformers, llama_model, quantize_int8  # noqa: E402
 from internlm_jax.serve.testing import tiny_model  # noqa: E402
 
@@ -33,3 +36,19 @@ def test_int8_peer_quantizes_every_linear_per_channel_and_tracks_float32():
 
   tokens_per_sec, threads = bench_transformers(model, [[5, 6, 7, 8]] * 2, 4)
   assert tokens_per_sec > 0 and threads >= 1
+
+
+def test_gguf_export_of_an_int8_model_holds_its_dequantized_weights(tmp_path):
+  gguf = pytest.importorskip("gguf")
+  from internlm_jax.quant import quantize
+  from internlm_jax.serve.gguf import export_gguf, llama_tensors
+  from internlm_jax.model import param_specs
+  config, rng = PRESETS["tiny"], np.random.default_rng(0)  # host arrays: no init_params compile
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), param_specs(config),
+                        is_leaf=lambda x: hasattr(x, "logical_axes"))
+  wqkv = quantize(params["layers"]["wqkv"], 1)  # as quant.quantize_params stores it (a QArray, not an array)
+  path = export_gguf(config, dict(params, layers=dict(params["layers"], wqkv=wqkv)), tmp_path / "int8.gguf", "f32")
+  stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+  dequantized = dict(params, layers=dict(params["layers"], wqkv=wqkv.astype(np.float32)))
+  want = llama_tensors(config, dequantized)["blk.0.attn_q.weight"]
+  np.testing.assert_array_equal(stored["blk.0.attn_q.weight"].reshape(want.shape), want)

@@ -188,6 +188,21 @@ def test_missing_folder_or_config_names_the_path(tmp_path, saved):
     json.dump(to_hf_config(TINY), f)
   with pytest.raises(hf_io.CheckpointError, match=r"no \*\.safetensors"):
     hf_io.load_hf_checkpoint(tmp_path / "noweights")
+  open(tmp_path / "noweights" / "pytorch_model.bin", "wb").close()
+  with pytest.raises(hf_io.CheckpointError, match=r"only pytorch_model\*\.bin weights.*save_pretrained"):
+    hf_io.load_hf_checkpoint(tmp_path / "noweights")
+
+
+def test_tied_head_loads_from_the_embedding_and_quantized_params_are_refused(tmp_path, saved):
+  params, _ = saved
+  tensors = hf_io.to_hf_state_dict(TINY, params)
+  del tensors["output.weight"]  # what save_pretrained writes for a tied model
+  _write_folder(tmp_path / "tied", tensors, dict(to_hf_config(TINY), tie_word_embeddings=True))
+  _, loaded = hf_io.load_hf_checkpoint(tmp_path / "tied")
+  np.testing.assert_array_equal(np.asarray(loaded["output"]), np.asarray(params["embed"]).T)
+  from internlm_jax.quant import quantize_params
+  with pytest.raises(hf_io.CheckpointError, match="layers/wqkv is quantized"):
+    hf_io.save_hf_checkpoint(tmp_path / "q", TINY, quantize_params(params, "int8"))
 
 
 def test_state_dict_round_trip_in_memory(saved):
@@ -208,6 +223,10 @@ def test_convert_hf_to_params_checkpoint_and_back_is_bit_exact(tmp_path):
   config = TINY.replace(param_dtype="bfloat16")
   params = init_params(config, jax.random.key(2))
   hf_io.save_hf_checkpoint(tmp_path / "hf", config, params)
+  # The chat pieces' names (tokenizer_config.json) and the remote code must survive both directions.
+  carried = {"tokenizer_config.json": '{"added_tokens_decoder": {}}', "modeling_internlm2.py": "# remote code\n"}
+  for name, text in carried.items():
+    (tmp_path / "hf" / name).write_text(text)
   # The command line (absl flags) for one direction, the function for the other.
   subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "convert.py"), f"--from_hf={tmp_path / 'hf'}",
                   f"--to={tmp_path / 'ckpt'}"], check=True, capture_output=True, timeout=120)
@@ -215,7 +234,7 @@ def test_convert_hf_to_params_checkpoint_and_back_is_bit_exact(tmp_path):
   assert ckpt_config == config
   _assert_same(params, ckpt_params)
   _convert_module().convert(from_ckpt=str(tmp_path / "ckpt"), to_hf=str(tmp_path / "hf2"))
-  for name in ("model.safetensors", "config.json"):
+  for name in ("model.safetensors", "config.json", *carried):
     with open(tmp_path / "hf" / name, "rb") as a, open(tmp_path / "hf2" / name, "rb") as b:
       assert a.read() == b.read(), name
 

@@ -1,4 +1,6 @@
 """Model behaviour: full-size shapes without allocation, cached decode, packing, scan/remat switches, NTK."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,3 +167,19 @@ def test_hf_config_round_trip_and_errors(tmp_path):
     get_preset("internlm9")
   with pytest.raises(ConfigError, match="multiple of num_kv_heads"):
     ModelConfig(num_heads=6, num_kv_heads=4)
+
+
+def test_hf_config_fields_that_change_the_model_are_read_or_refused(tmp_path):
+  # transformers 5 saves rope_scaling and rope_theta as rope_parameters (PretrainedConfig.save_pretrained).
+  hf = to_hf_config(PRESETS["internlm2.5-7b"])
+  del hf["rope_scaling"], hf["rope_theta"]
+  hf["rope_parameters"] = {"rope_type": "dynamic", "type": "dynamic", "factor": 2.5, "rope_theta": 5e7}
+  assert from_hf_config(hf) == PRESETS["internlm2.5-7b"]
+  hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e7}
+  assert from_hf_config(hf).rope_scaling_type is None and from_hf_config(hf).rope_theta == 5e7
+  with pytest.raises(ConfigError, match="hidden_act='gelu' is not supported"):
+    from_hf_config(dict(to_hf_config(TINY), hidden_act="gelu"))
+  with open(tmp_path / "config.json", "w") as f:  # errors of the derived ModelConfig name the file too
+    json.dump(dict(to_hf_config(TINY), rope_scaling={"type": "yarn", "factor": 2.0}), f)
+  with pytest.raises(ConfigError, match=r"config\.json: rope_scaling_type .* got 'yarn'"):
+    from_hf_config(tmp_path)

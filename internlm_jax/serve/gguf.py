@@ -36,7 +36,8 @@ def llama_tensors(config: ModelConfig, params: dict[str, Any], rope_pairs: bool 
   reorder = _rope_pairs if rope_pairs else lambda w, heads: np.ascontiguousarray(w)
   c = config
   E, H, K, G, D = c.hidden_size, c.num_heads, c.num_kv_heads, c.q_per_kv, c.head_dim
-  f32 = lambda x: np.asarray(x, np.float32)
+  # A quantized weight (quant.QArray) is no array; its astype dequantizes, as the model reads it.
+  f32 = lambda x: np.asarray(x if hasattr(x, "__array__") else x.astype(np.float32), np.float32)
   layers = {name: f32(w) for name, w in params["layers"].items()}
   out = {"token_embd.weight": f32(params["embed"]), "output_norm.weight": f32(params["norm"]),
          "output.weight": np.ascontiguousarray(f32(params["output"]).T)}
