@@ -109,14 +109,21 @@ def load_training_params(workdir: str | os.PathLike, *, step: int | None = None,
 
 
 def convert(*, from_hf: str | None = None, to: str | None = None, from_ckpt: str | None = None,
-            to_hf: str | None = None, dtype: str | None = None, max_shard_bytes: int = 2**31, mesh=None) -> None:
-  """HF -> params checkpoint (from_hf + to) or params checkpoint / training workdir -> HF (from_ckpt + to_hf)."""
+            to_hf: str | None = None, dtype: str | None = None, max_shard_bytes: int = 2**31, mesh=None,
+            to_gguf: str | None = None, gguf_type: str = "f16") -> None:
+  """HF -> params checkpoint (from_hf + to), params checkpoint / training workdir -> HF (from_ckpt + to_hf), or
+  either source -> a llama.cpp GGUF file (to_gguf, gguf_type f32 / f16 / q8_0)."""
   from internlm_jax.hf_io import load_hf_checkpoint, save_hf_checkpoint  # noqa: PLC0415  (hf_io is heavier)
   from internlm_jax.sharding import make_mesh  # noqa: PLC0415
+  if to_gguf:
+    if bool(from_hf) == bool(from_ckpt) or to or to_hf:
+      raise ValueError("--to_gguf=FILE takes one source: --from_hf=DIR or --from_ckpt=DIR")
+    return _to_gguf(from_hf or from_ckpt, bool(from_hf), to_gguf, gguf_type)
   to_ckpt = bool(from_hf and to) and not (from_ckpt or to_hf)
   to_hf_dir = bool(from_ckpt and to_hf) and not (from_hf or to)
   if not (to_ckpt or to_hf_dir):
-    raise ValueError("give exactly one direction: --from_hf=DIR --to=DIR, or --from_ckpt=DIR --to_hf=DIR")
+    raise ValueError("give exactly one direction: --from_hf=DIR --to=DIR, --from_ckpt=DIR --to_hf=DIR, or "
+                     "--from_hf / --from_ckpt with --to_gguf=FILE")
   mesh = mesh if mesh is not None else make_mesh(fsdp=-1)
   if to_ckpt:
     config, params = load_hf_checkpoint(from_hf, mesh=mesh, dtype=dtype)
@@ -128,6 +135,29 @@ def convert(*, from_hf: str | None = None, to: str | None = None, from_ckpt: str
     save_hf_checkpoint(to_hf, config, params, max_shard_bytes=max_shard_bytes, dtype=dtype)
     _copy_tokenizer(from_ckpt, to_hf)
     logging.info("wrote HF folder %s (%d params)", to_hf, config.num_params())
+
+
+def _to_gguf(source: str, is_hf: bool, path: str, file_type: str) -> None:
+  """Writes `source`'s weights as a GGUF; the vocabulary comes from the source's tokenizer.model when present."""
+  from internlm_jax.serve.gguf import FILE_TYPES, export_gguf  # noqa: PLC0415
+  from internlm_jax.tokenizer import Tokenizer  # noqa: PLC0415
+  if file_type not in FILE_TYPES:
+    raise ValueError(f"--gguf_type must be one of {FILE_TYPES}, got {file_type!r}")
+  if is_hf:
+    from internlm_jax.hf_io import load_hf_checkpoint  # noqa: PLC0415
+    config, params = load_hf_checkpoint(source)
+  else:
+    config, params = load_params_checkpoint(source)
+  if config.rope_scaling_type == "dynamic":  # llama.cpp has no dynamic NTK: same logits up to the trained length
+    logging.warning("dynamic NTK rope scaling is not in GGUF: llama.cpp matches this model only up to "
+                    "max_position_embeddings=%d tokens", config.max_position_embeddings)
+  model_file = os.path.join(source, "tokenizer.model")
+  tokenizer = Tokenizer(model_file) if os.path.isfile(model_file) else None
+  if tokenizer is None:
+    logging.warning("%s has no tokenizer.model: the GGUF gets a placeholder vocabulary (token ids only)", source)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  export_gguf(config, params, path, file_type, tokenizer=tokenizer)
+  logging.info("wrote GGUF %s (%s, %d params)", path, file_type, config.num_params())
 
 
 # Carried along so the converted folder serves, evaluates and loads in transformers on its own: the released

@@ -237,6 +237,25 @@ def test_convert_hf_to_params_checkpoint_and_back_is_bit_exact(tmp_path):
   for name in ("model.safetensors", "config.json", *carried):
     with open(tmp_path / "hf" / name, "rb") as a, open(tmp_path / "hf2" / name, "rb") as b:
       assert a.read() == b.read(), name
+  # --to_gguf (issue: GGUF export from convert.py): the llama-layout tensors, and the checkpoint's vocabulary.
+  import gguf
+  from internlm_jax.serve.gguf import llama_tensors
+  from internlm_jax.serve.testing import tiny_tokenizer
+  tok = tiny_tokenizer(tmp_path / "tok")
+  for ext in (".model", ".vocab"):
+    os.replace(str(tmp_path / "tok" / "tiny_tok") + ext, tmp_path / "ckpt" / f"tokenizer{ext}")
+  _convert_module().convert(from_ckpt=str(tmp_path / "ckpt"), to_gguf=str(tmp_path / "m.gguf"), gguf_type="f32")
+  reader = gguf.GGUFReader(tmp_path / "m.gguf")
+  expected = llama_tensors(config, ckpt_params)
+  assert {t.name for t in reader.tensors} == set(expected)
+  for t in reader.tensors:
+    np.testing.assert_array_equal(np.asarray(t.data).reshape(expected[t.name].shape), expected[t.name])
+  tokens = reader.fields["tokenizer.ggml.tokens"]
+  pieces = [bytes(tokens.parts[i]).decode() for i in tokens.data]
+  assert len(pieces) == config.vocab_size and pieces[tok.special_ids["<|im_end|>"]] == "<|im_end|>"
+  with pytest.raises(ValueError, match="--to_gguf=FILE takes one source"):
+    _convert_module().convert(from_ckpt=str(tmp_path / "ckpt"), from_hf=str(tmp_path / "hf"),
+                              to_gguf=str(tmp_path / "x.gguf"))
 
 
 def test_params_checkpoint_restores_onto_mesh(tmp_path, saved):
