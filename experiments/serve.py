@@ -3,14 +3,16 @@ r"""OpenAI-compatible server for an InternLM2 checkpoint (like `lmdeploy serve a
   python experiments/serve.py --checkpoint=HF_OR_PARAMS_DIR [--port=23333] [--tensor=2] [--max_slots=32]
   python experiments/serve.py --preset=tiny --tokenizer=tok.model      # random weights, for smoke tests
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (see
+Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions (see
 internlm_jax/serve/api.py). A full queue answers 429; the KV cache is sized once at start-up from
 --kv_cache_fraction of free device memory (or --num_pages), so memory use never grows while serving.
 """
 from __future__ import annotations
 
+import errno
 import logging as std_logging
 import os
+import socket
 import sys
 
 if __package__ in (None, ""):  # run as a script from a checkout: make the package importable without installing
@@ -52,10 +54,19 @@ def main(argv):
 
   std_logging.getLogger("internlm_jax").setLevel(std_logging.INFO)
   checkpoint = _CHECKPOINT.value
-  tokenizer = loading.find_tokenizer(checkpoint, _TOKENIZER.value)
-  mesh = loading.serving_mesh(_TENSOR.value)
-  config, params = loading.load_model(checkpoint, preset=_PRESET.value, mesh=mesh, dtype=_DTYPE.value,
-                                      quant=_QUANT.value)
+  if not checkpoint and not _PRESET.value:
+    sys.exit("error: pass --checkpoint=DIR (HF InternLM2 folder or params checkpoint) or --preset=NAME")
+  if checkpoint and not os.path.isdir(checkpoint):
+    sys.exit(f"error: --checkpoint={checkpoint} is not a folder (an HF InternLM2 folder or a params checkpoint; "
+             "convert training workdirs with experiments/convert.py)")
+  try:
+    check_port(_HOST.value, _PORT.value)  # before loading: a big model takes minutes to load
+    tokenizer = loading.find_tokenizer(checkpoint, _TOKENIZER.value)
+    mesh = loading.serving_mesh(_TENSOR.value)
+    config, params = loading.load_model(checkpoint, preset=_PRESET.value, mesh=mesh, dtype=_DTYPE.value,
+                                        quant=_QUANT.value)
+  except (OSError, ValueError) as e:  # a busy port; a missing tokenizer or preset; a malformed checkpoint
+    sys.exit(f"error: {e}")
   ec = EngineConfig(max_slots=_MAX_SLOTS.value, max_seq_len=_MAX_SEQ_LEN.value, page_size=_PAGE_SIZE.value,
                     num_pages=_NUM_PAGES.value, kv_dtype=_KV_DTYPE.value, prefill_chunk=_PREFILL_CHUNK.value,
                     steps_per_call=_STEPS.value, prefix_caching=not _NO_PREFIX_CACHE.value,
@@ -69,6 +80,18 @@ def main(argv):
     uvicorn.run(create_app(scheduler, tokenizer, name), host=_HOST.value, port=_PORT.value, log_level="info")
   finally:
     scheduler.stop()
+
+
+def check_port(host: str, port: int) -> None:
+  """Raises OSError, naming the address, when uvicorn could not listen there."""
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  with socket.socket(family, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      hint = " (another server is running there: pick another --port)" if e.errno == errno.EADDRINUSE else ""
+      raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
 
 
 if __name__ == "__main__":

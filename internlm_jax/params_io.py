@@ -128,12 +128,12 @@ def convert(*, from_hf: str | None = None, to: str | None = None, from_ckpt: str
   if to_ckpt:
     config, params = load_hf_checkpoint(from_hf, mesh=mesh, dtype=dtype)
     save_params_checkpoint(to, config, params)
-    _copy_tokenizer(from_hf, to)
+    copy_tokenizer_files(from_hf, to)
     logging.info("wrote params checkpoint %s (%d params, %s)", to, config.num_params(), config.param_dtype)
   else:
     config, params = load_params_checkpoint(from_ckpt, mesh=mesh)
     save_hf_checkpoint(to_hf, config, params, max_shard_bytes=max_shard_bytes, dtype=dtype)
-    _copy_tokenizer(from_ckpt, to_hf)
+    copy_tokenizer_files(from_ckpt, to_hf)
     logging.info("wrote HF folder %s (%d params)", to_hf, config.num_params())
 
 
@@ -167,7 +167,7 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_
                     "tokenizer.json", "chat_template.jinja", "chat_template.json")
 
 
-def _copy_tokenizer(src: str, dst: str) -> None:
+def copy_tokenizer_files(src: str, dst: str) -> None:
   """Copies the tokenizer files and the remote-code *.py files of `src` into `dst`."""
   if jax.process_index() != 0:
     return

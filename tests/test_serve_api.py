@@ -4,6 +4,9 @@ import functools
 import importlib.util
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 import types
 
@@ -46,6 +49,9 @@ def post(client, path, body):
 def test_models_and_health(setup):
   client, *_ = setup
   assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+  assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL  # openai's client.models.retrieve
+  r = client.get("/v1/models/gpt-4")
+  assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
   health = client.get("/health").json()
   assert health["status"] == "ok" and health["pages_available"] == health["pages_total"]
 
@@ -124,6 +130,57 @@ def test_bad_completion_requests_are_4xx(setup, body, status, needle):
   assert got == status and needle in payload["error"]["message"], payload
 
 
+def test_null_optional_fields_mean_the_default(setup):
+  _, sched, tok, _ = setup
+  client = TestClient(create_app(ScriptedScheduler(tok, "ok"), tok, MODEL))  # parsing only: no compiles
+  nulls = {"n": None, "stream": None, "ignore_eos": None, "skip_special_tokens": None, "max_tokens": 1}
+  status, body = post(client, "/v1/completions", {"model": MODEL, "prompt": "hi", "echo": None, **nulls})
+  assert status == 200 and len(body["choices"]) == 1, body
+  status, body = post(client, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                      "logprobs": None, **nulls})
+  assert status == 200 and body["choices"][0]["logprobs"] is None, body
+  assert post(client, "/v1/completions", {"model": None, "prompt": "hi"})[0] == 400  # required stays required
+
+
+def test_completion_stream_include_usage(setup):
+  client, *_ = setup
+  req = {"model": MODEL, "prompt": ["The quick", "Numbers 0 1"], "max_tokens": 3, "temperature": 0,
+         "ignore_eos": True}
+  want = post(client, "/v1/completions", req)[1]["usage"]
+  with client.stream("POST", "/v1/completions",
+                     json={**req, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+  assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == want["prompt_tokens"]
+  assert chunks[-1]["usage"]["completion_tokens"] == want["completion_tokens"] == 6
+  assert all("usage" not in c for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]},
+     "'image_url' part"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, 7]}]}, "content[1]"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "'text' string"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "oops"}}]}, "parameters"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+])
+def test_unusable_parts_and_tool_schemas_are_400(setup, change, needle):
+  # Before, image parts and junk parts were dropped from the prompt and bad schemas rendered as they were.
+  client, *_ = setup
+  status, body = post(client, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                      "max_tokens": 1, **change})
+  assert status == 400 and needle in body["error"]["message"], body
+  assert body["error"]["param"] == next(iter(change))
+
+
+def test_batch_larger_than_the_queue_is_400_not_429(setup):
+  client, sched, *_ = setup
+  status, body = post(client, "/v1/completions", {"model": MODEL, "prompt": ["a"] * (sched.max_queue + 1)})
+  assert status == 400 and body["error"]["param"] == "prompt" and "at most 4" in body["error"]["message"], body
+  status, body = post(client, "/v1/completions", {"model": MODEL, "prompt": list(range(3, 170))})
+  assert status == 400 and body["error"]["param"] == "prompt", body  # not "messages"
+
+
 def test_malformed_bodies_are_400_json(setup):
   client, *_ = setup
   for data in (b"{not json", b"\xff\xfe\x00garbage", b"[1, 2]"):
@@ -134,6 +191,10 @@ def test_malformed_bodies_are_400_json(setup):
   for body in bad_chat:
     assert post(client, "/v1/chat/completions", body)[0] == 400, body
   assert client.get("/v1/nothing").status_code == 404
+  # `curl -d '{...}'` sends JSON as a form: say what to fix.
+  r = client.post("/v1/completions", content=json.dumps({"model": MODEL, "prompt": "hi"}),
+                  headers={"content-type": "application/x-www-form-urlencoded"})
+  assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
 
 
 def test_queue_full_is_429_and_disconnect_returns_pages(setup):
@@ -225,6 +286,30 @@ def test_chat_tool_call_round_trip(setup):
   assert "".join(d.get("content", "") for d in deltas) == "Let me check."
   assert deltas[-1]["tool_calls"][0]["function"]["name"] == "get_weather"
   assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_chat_logprobs_bytes_rebuild_characters_split_over_tokens(setup):
+  _, sched, tok, _ = setup
+  text = "ok 🎉 é"
+  client = TestClient(create_app(ScriptedScheduler(tok, text), tok, MODEL))
+  status, body = post(client, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                      "logprobs": True})
+  assert status == 200, body
+  content = body["choices"][0]["logprobs"]["content"]
+  assert len(content) > 4  # the emoji is several byte-fallback tokens
+  assert bytes(b for entry in content for b in entry["bytes"]).decode("utf-8") == text
+
+
+def test_serve_script_reports_a_busy_port_in_one_line(setup, tmp_path):
+  with socket.socket() as held:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "serve.py"), "--preset=tiny",
+                           f"--tokenizer={tmp_path / 'none.model'}", f"--port={port}"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}: "), proc.stderr
 
 
 @functools.cache

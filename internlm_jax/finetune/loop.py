@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from internlm_jax import checkpoint as checkpoint_lib
+from internlm_jax import params_io
 from internlm_jax.config import ConfigError
 from internlm_jax.data.sft import make_batches
 from internlm_jax.finetune import base as base_lib
@@ -282,4 +283,6 @@ def _write_outputs(cfg, workdir, model, tokenizer, state, base, lcfg) -> dict:
     save_hf_checkpoint(out["hf"], model, params, dtype=cfg.output.dtype or None)
     if jax.process_index() == 0:
       shutil.copyfile(tokenizer.path, os.path.join(out["hf"], "tokenizer.model"))
+      if os.path.basename(tokenizer.path) == "tokenizer.model":  # an HF base: its chat-piece names, remote code
+        params_io.copy_tokenizer_files(os.path.dirname(tokenizer.path), out["hf"])
   return out

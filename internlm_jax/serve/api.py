@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP API over a running Scheduler (FastAPI; serve with uvicorn).
 
-GET /health, GET /v1/models, POST /v1/completions (echo + logprobs score prompt tokens the way lm-eval's
+GET /health, GET /v1/models[/{id}], POST /v1/completions (echo + logprobs score prompt tokens the way lm-eval's
 local-completions does), POST /v1/chat/completions (InternLM2 chat template; tools through the plugin protocol,
 returned as tool_calls; stream as server-sent events).
 
@@ -39,7 +39,7 @@ class _Batch:
     self.handles = []
     self.open = set()
 
-  def submit(self, prompts: list[list[int]], params) -> None:
+  def submit(self, prompts: list[list[int]], params, param: str = "messages") -> None:
     loop = asyncio.get_running_loop()
     try:
       for i, prompt in enumerate(prompts):
@@ -52,7 +52,7 @@ class _Batch:
     except RequestTooLargeError as e:
       self.cancel()
       code = "context_length_exceeded" if "context" in str(e) else None
-      raise P.APIError(400, str(e), param="messages" if code else None, code=code) from None
+      raise P.APIError(400, str(e), param=param if code else None, code=code) from None
     except ValueError as e:  # sampling parameters
       self.cancel()
       raise P.APIError(400, str(e)) from None
@@ -104,6 +104,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
       if err.get("type") == "json_invalid":
         parts.append(f"the request body is not valid JSON: {err.get('msg')}")
         continue
+      if not loc and err.get("type") == "model_attributes_type":  # FastAPI reads JSON only when the header says so
+        kind = request.headers.get("content-type")
+        came = f"this one came as {kind!r}" if kind else "this one had no Content-Type"
+        sent = "" if kind and "json" in kind else f" sent with Content-Type: application/json ({came})"
+        parts.append(f"the request body must be a JSON object{sent}")
+        continue
       param = param or (".".join(loc) or None)
       parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
     return JSONResponse(P.error_body("; ".join(parts[:5]) or "invalid request", param=param), status_code=400)
@@ -138,10 +144,18 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
   async def health():
     return {"status": "ok", **scheduler.stats()}
 
+  def model_card():
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "internlm_jax",
+            "max_model_len": engine.max_seq_len}
+
   @app.get("/v1/models")
   async def models():
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                        "owned_by": "internlm_jax", "max_model_len": engine.max_seq_len}]}
+    return {"object": "list", "data": [model_card()]}
+
+  @app.get("/v1/models/{name:path}")  # openai's client.models.retrieve(); :path, as model ids may hold "/"
+  async def model(name: str):
+    check_model(name)
+    return model_card()
 
   @app.post("/v1/completions")
   async def completions(req: P.CompletionRequest, http: Request):
@@ -160,11 +174,15 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
       raise P.APIError(400, str(e), param="prompt") from None
     if any(not p for p in prompts):
       raise P.APIError(400, "prompt must not be empty", param="prompt")
+    max_queue = getattr(scheduler, "max_queue", None)
+    if max_queue is not None and len(prompts) > max_queue:  # a 429 here would never clear on retry
+      raise P.APIError(400, f"prompt holds {len(prompts)} prompts; this server queues at most {max_queue} "
+                       "(--max_queue): send smaller batches", param="prompt")
     longest = max(len(p) for p in prompts)
     scoring = req.echo and req.logprobs is not None
     params = req.sampling(max_tokens_for(req, longest, 16), req.logprobs, req.logprobs if scoring else None)
     batch = _Batch(scheduler)
-    batch.submit(prompts, params)
+    batch.submit(prompts, params, param="prompt")
     rid = P.new_id("cmpl")
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
@@ -177,7 +195,10 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
       return P.completion_logprobs(infos, token_text, first_has_none=True)
 
     if req.stream:
+      include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
       async def stream():
+        finished = []
         if req.echo:  # the prompt first; its logprobs (known once prefilled) come with the finishing chunk
           for i in range(len(prompts)):
             yield _sse({**head, "choices": [{"index": i, "text": prompt_text(i), "logprobs": None,
@@ -192,7 +213,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
             if scoring:
               choice["logprobs"] = prompt_logprobs(i, event)
             choice["finish_reason"] = event.reason
+            finished.append(event)
           yield _sse({**head, "choices": [choice]})
+        if include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
+          use = P.usage(sum(map(len, prompts)), sum(len(f.token_ids) for f in finished),
+                        sum(f.cached_tokens for f in finished))
+          yield _sse({**head, "choices": [], "usage": use})
         yield "data: [DONE]\n\n"
       return StreamingResponse(_guard(stream()), media_type="text/event-stream")
 

@@ -1,16 +1,18 @@
 """OpenAI wire format: request models (pydantic), errors, and the builders of logprobs and tool-call fields.
 
 Requests reject unknown fields (a typo must not be silently ignored) and parameters we do not implement
-(n > 1, non-zero presence/frequency penalties, logit_bias, suffix, JSON response formats) with a 400 that names
-the parameter, rather than answering something the client did not ask for.
+(n > 1, non-zero presence/frequency penalties, logit_bias, suffix, JSON response formats, non-text content parts)
+with a 400 that names the parameter, rather than answering something the client did not ask for. A null optional
+field means its default, as in OpenAI's API.
 """
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from internlm_jax.serve.sampling import MAX_LOGPROBS, SamplingParams
 from internlm_jax.serve.scheduler import TokenInfo
@@ -39,6 +41,16 @@ def new_id(prefix: str) -> str:
 
 class _Strict(BaseModel):
   model_config = ConfigDict(extra="forbid")
+
+  @model_validator(mode="before")
+  @classmethod
+  def _null_means_default(cls, data: Any) -> Any:
+    # OpenAI documents every optional field as nullable, and some clients send null for "not set"
+    # ("n": null, "stream": null): read that as the default, not as a type error.
+    if isinstance(data, dict):
+      fields = cls.model_fields
+      return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+    return data
 
 
 class StreamOptions(_Strict):
@@ -134,14 +146,61 @@ class ChatRequest(_Common):
                      param="response_format")
     if self.tool_choice not in (None, "none") and not self.tools:
       raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    _check_content_parts(self.messages)
+    _check_tools(self.tools or [])
+
+
+def _check_content_parts(messages: list[dict[str, Any]]) -> None:
+  """The model reads text only: an image or audio part (or a malformed one) would otherwise be dropped from
+  the prompt without a word, and the model would answer as if it had seen it."""
+  for i, message in enumerate(messages):
+    content = message.get("content")
+    if not isinstance(content, list):
+      continue  # strings, None and wrong types are checked when the prompt is rendered
+    for j, part in enumerate(content):
+      where = f"messages[{i}].content[{j}]"
+      if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise APIError(400, f"{where} must be a content part {{'type': 'text', 'text': ...}}", param="messages")
+      if part["type"] != "text":
+        raise APIError(400, f"{where} is a {part['type']!r} part; this model takes only 'text' parts",
+                       param="messages")
+      if not isinstance(part.get("text"), str):
+        raise APIError(400, f"{where} has no 'text' string", param="messages")
+
+
+def _check_tools(tools: list[dict[str, Any]]) -> None:
+  """OpenAI rejects a malformed function schema; rendered into the prompt as it is, it would only confuse the
+  model (the tokenizer also takes bare function schemas, as LMDeploy does)."""
+  for i, tool in enumerate(tools):
+    if tool.get("type", "function") != "function":
+      raise APIError(400, f"tools[{i}].type must be 'function', got {tool.get('type')!r}", param="tools")
+    function = tool.get("function", tool)
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+      raise APIError(400, f"tools[{i}].function must be an object with a non-empty 'name' string", param="tools")
+    if not isinstance(function.get("parameters", {}), dict):
+      raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object, got "
+                     f"{type(function['parameters']).__name__}", param="tools")
 
 
 # ---- response pieces ------------------------------------------------------------------------------------------
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 class TokenText:
   """Text of single tokens for logprobs fields (ids past the tokenizer's vocabulary show as '')."""
 
   def __init__(self, tokenizer):
     self._tok, self._cache = tokenizer, {}
+
+  def bytes(self, token_id: int) -> list[int]:
+    """The token's UTF-8 bytes. A byte-fallback piece (`<0xF0>`, part of an emoji) is one raw byte: its text
+    alone is U+FFFD, and clients rebuild such characters from these bytes, as OpenAI's field is meant for."""
+    text = self(token_id)
+    if text == "\ufffd":
+      match = _BYTE_PIECE.fullmatch(self._tok.id_to_token(token_id))
+      if match:
+        return [int(match.group(1), 16)]
+    return list(text.encode("utf-8"))
 
   def __call__(self, token_id: int) -> str:
     text = self._cache.get(token_id)
@@ -175,7 +234,7 @@ def completion_logprobs(tokens: list[TokenInfo], token_text: TokenText, first_ha
 def chat_logprobs(tokens: list[TokenInfo], token_text: TokenText) -> dict[str, list]:
   def entry(tid, lp):
     text = token_text(tid)
-    return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": lp, "bytes": token_text.bytes(tid)}
   return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top or []]}
                       for t in tokens]}
 

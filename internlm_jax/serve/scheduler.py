@@ -126,6 +126,7 @@ class Scheduler:
     self._free_slots = list(range(self.max_running))
     self._state = engine.init_state()
     self._stop = False
+    self._idle = False  # the loop is waiting for work (set under the lock)
     self._thread: threading.Thread | None = None
     self.preemptions = 0
     self.finished = collections.Counter()  # finish reasons so far (for /health and tests)
@@ -196,8 +197,8 @@ class Scheduler:
     """Blocks until nothing is queued or running (tests)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-      with self._lock:
-        if not self._queue and not self._running:
+      with self._lock:  # idle: also not in a turn (a request being admitted is neither queued nor running)
+        if not self._queue and not self._running and self._idle:
           return
       time.sleep(0.01)
     raise TimeoutError("the scheduler did not become idle")
@@ -207,7 +208,9 @@ class Scheduler:
     while True:
       with self._lock:
         while not self._stop and not self._queue and not self._running and not self._cancelled:
+          self._idle = True
           self._lock.wait()
+        self._idle = False
         if self._stop:
           break
         cancelled, self._cancelled = self._cancelled, set()
