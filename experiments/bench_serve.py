@@ -3,6 +3,7 @@ bandwidth and two peers, and continuous vs static batching under Poisson load.
 
   python experiments/bench_serve.py --out=/tmp/bench_serve.json [--requests=200 --rates=auto --sections=decode,load]
   python experiments/bench_serve.py --sections=load --rates=2,4 --out=a.json; ... --rates=6,inf --merge_load=a.json
+  python experiments/bench_serve.py --sections=quality --checkpoint=TRAINED_DIR --out=q.json
 
 One run measures: (a) our Engine's decode tokens/s at batch 1 and 32 (greedy, after the prompt), with
 memory-bandwidth utilisation against the bandwidth a jitted matvec over a weight-sized array reaches (the read
@@ -15,7 +16,8 @@ lengths, against static batching (batches
 formed from what is waiting, run until their longest member ends) on the same engine and trace; the ratio is
 throughput at a p99 TTFT objective (internlm_jax/serve/bench_load.py says how). (d) llama.cpp
 (llama-cpp-python) decoding the same weights exported to GGUF (f32 and q8_0) at batch 1. Peers that are not
-installed leave their keys null. Prints a ratio table and writes JSON.
+installed leave their keys null. Prints a ratio table and writes JSON. `quality` (not by default: it needs a
+trained checkpoint) reports the validation-perplexity change of int8 and int4 weights and the int8 KV cache.
 """
 import json
 import os
@@ -49,7 +51,12 @@ TORCH = flags.DEFINE_bool("torch", True, "time transformers generate")
 LLAMACPP = flags.DEFINE_bool("llamacpp", True, "time llama.cpp (if llama_cpp is installed)")
 SEED = flags.DEFINE_integer("seed", 0, "weights, prompts and arrival trace")
 SECTIONS = flags.DEFINE_list("sections", ["decode", "load"], "decode: (a) ours, with (b) and (d) per --torch and "
-                             "--llamacpp; load: (c)")
+                             "--llamacpp; load: (c); quality: --checkpoint's validation perplexity under each "
+                             "quantization")
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "quality: a trained checkpoint (HF folder, params folder or "
+                                 "training workdir) with its tokenizer.model, e.g. a Shakespeare pretraining run")
+WINDOWS = flags.DEFINE_integer("quality_windows", 16, "quality: windows of --quality_len validation tokens scored")
+WINDOW_LEN = flags.DEFINE_integer("quality_len", 256, "quality: tokens per scored window (<s> included)")
 
 
 def bench_config():
@@ -157,7 +164,6 @@ def main(argv):
   from internlm_jax.native import qmatmul
   from internlm_jax.serve import paged_model
   config = bench_config()
-  params = init_params(config, jax.random.key(SEED.value))
   rng = np.random.default_rng(SEED.value)
   P, N, S = PROMPT.value, NEW.value, STEPS.value
   prompts = rng.integers(3, config.vocab_size, (32, P)).tolist()
@@ -180,6 +186,12 @@ def main(argv):
       with open(OUT.value, "w") as f:
         json.dump(res, f, indent=2)
 
+  if "quality" in SECTIONS.value:
+    res.update(quality_perplexity(CHECKPOINT.value, WINDOWS.value, WINDOW_LEN.value))
+    save("quality")
+    if SECTIONS.value == ["quality"]:
+      return
+  params = init_params(config, jax.random.key(SEED.value))
   if "decode" not in SECTIONS.value:
     return _load_section(config, params, rng, res, save)
   bw = measure_bandwidth(quant.nbytes(params) - quant.nbytes(params["embed"]))
@@ -235,6 +247,46 @@ def main(argv):
   if "load" not in SECTIONS.value:
     return _print_table(config, res)
   _load_section(config, params, rng, res, save)
+
+
+def quality_perplexity(checkpoint, windows: int, length: int) -> dict:
+  """Held-out Shakespeare perplexity of `checkpoint` through the serving engine for float32 weights, int8
+  (per channel; the native kernel where it builds), int4 (group-wise) weights and the int8 KV cache. Teacher
+  forced: a prefill with prompt logprobs, whose attention reads the keys and values back from the pages, so the
+  int8 cache is scored as decoding reads it."""
+  import numpy as np
+  from internlm_jax.data import corpus
+  from internlm_jax.quant import quantize_params
+  from internlm_jax.serve import loading
+  from internlm_jax.serve.engine import Engine, EngineConfig
+  if not checkpoint:
+    raise app.UsageError("--sections=quality needs --checkpoint=DIR")
+  tok = loading.find_tokenizer(checkpoint, None)
+  config, params = loading.load_model(checkpoint)
+  source, ids = corpus.shakespeare_source("validation"), []
+  for i in range(len(source)):  # the documents run together; each window is one prompt starting with <s>
+    ids += tok.encode(source[i])
+    if len(ids) >= windows * (length - 1):
+      break
+  chunks = [[tok.bos_id] + ids[w * (length - 1):(w + 1) * (length - 1)] for w in range(windows)]
+  chunks = [c for c in chunks if len(c) == length]
+  variants = {"float32": (params, None), "int8": (quantize_params(params, "int8"), None),
+              "int4": (quantize_params(params, "int4"), None), "int8_kv": (params, "int8")}
+  out = {}
+  for name, (p, kv_dtype) in variants.items():
+    engine = Engine(p, config, EngineConfig(max_slots=1, max_seq_len=length + 16, page_size=16,
+                                            prefill_chunk=256, prefix_caching=False, kv_dtype=kv_dtype))
+    state, logprobs = engine.init_state(), []
+    for chunk in chunks:
+      state, prefix = engine.prefill(state, chunk, prompt_logprobs=0)
+      logprobs += [lp for lp, _, _ in prefix.prompt_logprobs]
+      engine.release(prefix)
+    out[name] = float(np.exp(-np.mean(logprobs)))
+    print(f"quality {name}: perplexity {out[name]:.4f} over {len(logprobs)} tokens", flush=True)
+  return {"quality_checkpoint": os.path.abspath(checkpoint), "quality_params": config.num_params(),
+          "quality_tokens": len(chunks) * (length - 1),
+          "perplexity": out, "perplexity_change": {k: v / out["float32"] - 1 for k, v in out.items()
+                                                   if k != "float32"}}
 
 
 def _rel_err(logits, reference) -> float:

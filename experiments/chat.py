@@ -17,7 +17,8 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the packa
 
 from absl import app, flags  # noqa: E402
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF InternLM2 folder or params checkpoint folder.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF InternLM2 folder, params checkpoint folder or training "
+                                  "workdir (its newest checkpoint).")
 _PRESET = flags.DEFINE_string("preset", None, "Chat with random weights of this preset (no --checkpoint).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "sentencepiece model; default CHECKPOINT/tokenizer.model.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Cast weights and compute.")
@@ -101,8 +102,8 @@ def main(argv):
   if not _CHECKPOINT.value and not _PRESET.value:
     sys.exit("error: pass --checkpoint=DIR (HF InternLM2 folder or params checkpoint) or --preset=NAME")
   if _CHECKPOINT.value and not os.path.isdir(_CHECKPOINT.value):
-    sys.exit(f"error: --checkpoint={_CHECKPOINT.value} is not a folder (an HF InternLM2 folder or a params "
-             "checkpoint; convert training workdirs with experiments/convert.py)")
+    sys.exit(f"error: --checkpoint={_CHECKPOINT.value} is not a folder (an HF InternLM2 folder, a params "
+             "checkpoint or a training workdir)")
   try:
     tokenizer = loading.find_tokenizer(_CHECKPOINT.value, _TOKENIZER.value)
     mesh = loading.serving_mesh(_TENSOR.value)

@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the packa
 
 from absl import app, flags, logging  # noqa: E402
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF InternLM2 folder or params checkpoint folder.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF InternLM2 folder, params checkpoint folder or training "
+                                  "workdir (its newest checkpoint).")
 _PRESET = flags.DEFINE_string("preset", None, "Serve random weights of this preset (no --checkpoint).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "sentencepiece model; default CHECKPOINT/tokenizer.model.")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Name clients pass as `model`; default the folder name.")
@@ -57,8 +58,8 @@ def main(argv):
   if not checkpoint and not _PRESET.value:
     sys.exit("error: pass --checkpoint=DIR (HF InternLM2 folder or params checkpoint) or --preset=NAME")
   if checkpoint and not os.path.isdir(checkpoint):
-    sys.exit(f"error: --checkpoint={checkpoint} is not a folder (an HF InternLM2 folder or a params checkpoint; "
-             "convert training workdirs with experiments/convert.py)")
+    sys.exit(f"error: --checkpoint={checkpoint} is not a folder (an HF InternLM2 folder, a params checkpoint "
+             "or a training workdir)")
   try:
     check_port(_HOST.value, _PORT.value)  # before loading: a big model takes minutes to load
     tokenizer = loading.find_tokenizer(checkpoint, _TOKENIZER.value)

@@ -258,6 +258,23 @@ def test_convert_hf_to_params_checkpoint_and_back_is_bit_exact(tmp_path):
                               to_gguf=str(tmp_path / "x.gguf"))
 
 
+@pytest.mark.parametrize("file_type,tol", [("f16", 1e-3), ("q8_0", 1e-2)])  # of each weight's largest value
+def test_gguf_f16_and_q8_0_store_matmul_weights_in_that_type(tmp_path, saved, file_type, tol):
+  # The slow llama.cpp test runs f32 and q8_0 files; here only what is written (norms stay f32, as llama.cpp's
+  # own converter keeps them).
+  import gguf
+  from internlm_jax.serve.gguf import export_gguf, llama_tensors
+  params, _ = saved
+  reader = gguf.GGUFReader(export_gguf(TINY, params, tmp_path / "m.gguf", file_type))
+  expected = llama_tensors(TINY, params)
+  want_type = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[file_type]
+  for t in reader.tensors:
+    w = expected[t.name]
+    assert t.tensor_type == (gguf.GGMLQuantizationType.F32 if w.ndim == 1 else want_type), t.name
+    got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+    assert np.abs(got - w).max() <= tol * np.abs(w).max(), t.name
+
+
 def test_params_checkpoint_restores_onto_mesh(tmp_path, saved):
   params, _ = saved
   save_params_checkpoint(tmp_path, TINY, params)

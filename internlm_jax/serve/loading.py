@@ -43,8 +43,9 @@ def serving_mesh(tensor: int):
 
 def load_model(checkpoint: str | None, *, preset: str | None = None, mesh=None, dtype: str | None = None,
                quant: str | None = None, seed: int = 0) -> tuple[ModelConfig, dict]:
-  """(config, params) from an HF InternLM2 folder (config.json + safetensors) or a params checkpoint folder
-  (model_config.json + params/); with `preset` and no checkpoint, random weights (benchmarks, smoke tests).
+  """(config, params) from an HF InternLM2 folder (config.json + safetensors), a params checkpoint folder
+  (model_config.json + params/) or a training workdir (model_config.json + checkpoints/: its newest); with
+  `preset` and no checkpoint, random weights (benchmarks, smoke tests).
   `quant` "int8" (per channel) or "int4" (group-wise) quantizes the matmul weights (see quant.py)."""
   config, params = _load(checkpoint, preset, mesh, dtype, seed)
   if quant:
@@ -67,7 +68,7 @@ def _load(checkpoint, preset, mesh, dtype, seed):
     config, params = load_params_checkpoint(checkpoint, mesh=mesh)
   else:
     raise FileNotFoundError(f"{checkpoint}: neither an HF InternLM2 folder (config.json) nor a params checkpoint "
-                            f"({CONFIG_FILE}); convert training checkpoints with experiments/convert.py")
+                            f"or training workdir ({CONFIG_FILE})")
   if dtype:  # compute in the weights' dtype
     config = config.replace(dtype=dtype)
   elif config.param_dtype != config.dtype:
