@@ -43,8 +43,10 @@ def get_config():
   c.data.train_paths = ""        # comma-separated files/folders, jsonl or array_record; "tfds:DIR" for tfds
   c.data.val_paths = ""
   c.data.format = "auto"
+  c.data.tfds_split = "train"    # the splits read from a "tfds:NAME_OR_DIR" path
+  c.data.tfds_val_split = "validation"
   c.data.field = "text"
-  c.data.tokenizer = ""          # a sentencepiece .model; empty = train (and cache) one on the corpus
+  c.data.tokenizer = ""          # a sentencepiece .model; empty = train (and cache) one on Shakespeare
   c.data.vocab_size = 4096
   c.data.host_sharding = "documents"  # "rows": every host reads all data, losses independent of process count
 

@@ -138,7 +138,7 @@ def main(argv):
             "dtype": config.dtype, "remat_policy": config.remat_policy, "jax": jax.__version__,
             "attention_impl": config.attention_impl, "attention_block_size": config.attention_block_size,
             "loss_chunk_size": config.loss_chunk_size, "scan_layers": config.scan_layers,
-            "step_seconds": ours, "tokens_per_sec": tokens / ours,
+            "flops_per_token": flops_per_token, "step_seconds": ours, "tokens_per_sec": tokens / ours,
             "mfu": tokens / ours * flops_per_token / peak}
   from internlm_jax.train.metrics import KNOWN_PEAK_FLOPS
   datasheet = [f for name, f in KNOWN_PEAK_FLOPS.items() if name.lower() in result["machine"].lower()]

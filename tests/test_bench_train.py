@@ -25,11 +25,13 @@ def test_ours_then_peer_from_json(tmp_path):
   assert first.returncode == 0, first.stderr[-2000:]
   ours = json.loads(ours_json.read_text())
   assert ours["dtype"] == "bfloat16" and ours["attention_impl"] == "cudnn" and ours["tokens_per_sec"] > 0
+  assert ours["mfu"] == pytest.approx(ours["tokens_per_sec"] * ours["flops_per_token"] / ours["peak_flops"])
   assert "torch_tokens_per_sec" not in ours
   second = bench(f"--ours_json={ours_json}", f"--out={both_json}")
   assert second.returncode == 0, second.stderr[-2000:]
   both = json.loads(both_json.read_text())
   assert both["step_seconds"] == ours["step_seconds"] and both["peak_flops"] == ours["peak_flops"]
   assert both["speedup_vs_torch"] == pytest.approx(both["tokens_per_sec"] / both["torch_tokens_per_sec"])
+  assert both["mfu"] == ours["mfu"]  # the four keys: mfu, tokens_per_sec, torch_*, speedup_vs_torch
   mismatched = bench(f"--ours_json={ours_json}", "--batch=4")
   assert mismatched.returncode != 0 and "rerun it with these flags" in mismatched.stderr

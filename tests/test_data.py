@@ -177,7 +177,7 @@ def test_array_record_source(tmp_path, tok):
   assert _stream_docs(_rows(_batches(ds)), tok) == _docs(6)
 
 
-def test_tfds_array_record_source(tmp_path):
+def test_tfds_array_record_source(tmp_path, tok):
   tfds = pytest.importorskip("tensorflow_datasets")
 
   class TinyText(tfds.core.GeneratorBasedBuilder):
@@ -187,11 +187,11 @@ def test_tfds_array_record_source(tmp_path):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
 
     def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples()}
+      return {"train": self._generate_examples("document", 4), "validation": self._generate_examples("held-out", 2)}
 
-    def _generate_examples(self):
-      for i in range(4):
-        yield i, {"text": f"document {i}"}
+    def _generate_examples(self, prefix, n):
+      for i in range(n):
+        yield i, {"text": f"{prefix} {i}"}
 
   builder = TinyText(data_dir=str(tmp_path), file_format="array_record")
   builder.download_and_prepare()
@@ -201,6 +201,14 @@ def test_tfds_array_record_source(tmp_path):
   assert len(by_name) == 4
   with pytest.raises(data.DataError, match="cannot open tfds dataset 'no_such_set'"):
     data.TfdsSource("no_such_set", data_dir=str(tmp_path))
+  # The training config reads the train split for training and the validation split for validation.
+  from configs import pretrain_tiny
+  from internlm_jax.train.loop import build_data
+  cfg = pretrain_tiny.get_config()
+  cfg.data.corpus, cfg.data.tokenizer = "files", tok.path
+  cfg.data.train_paths = cfg.data.val_paths = f"tfds:{builder.data_dir}"
+  _, train, val = build_data(cfg)
+  assert len(train) == 4 and sorted(val[i] for i in range(len(val))) == ["held-out 0", "held-out 1"]
 
 
 def test_missing_corpus_path_is_a_one_line_error(tmp_path):

@@ -251,3 +251,20 @@ def test_malformed_call_replays_verbatim(tok):
 def test_error_index_is_the_callers_with_tools(tok):
   with pytest.raises(tk.ChatTemplateError, match=r"messages\[1\] has unknown role"):
     tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}], tools=[WEATHER])
+
+
+def test_train_tokenizer_script(tmp_path):
+  """experiments/train_tokenizer.py (absl flags) trains from a folder and prints the special ids."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "a.txt").write_text(CORPUS * 4)
+  out = subprocess.run([sys.executable, os.path.join(root, "experiments", "train_tokenizer.py"),
+                        f"--input={tmp_path / 'corpus'}", f"--output_prefix={tmp_path / 'tok'}", "--vocab_size=400"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "vocab 400, bos 1, eos 2" in out.stdout
+  tok = tk.Tokenizer(tmp_path / "tok.model")
+  assert tok.decode(tok.encode("Speak, speak.")) == "Speak, speak." and "<|im_end|>" in tok.special_ids

@@ -245,3 +245,37 @@ def test_resumed_metrics_drop_replayed_steps_and_a_torn_line(tmp_path):
   writer.close()
   assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5]
   assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 5
+
+
+def test_progress_bar_shows_loss_throughput_mfu_and_eta(tmp_path, capsys):
+  import re
+  from internlm_jax.train import metrics as metrics_lib
+  writer = metrics_lib.MetricsWriter(str(tmp_path), total_steps=100, initial_step=0, progress=True)
+  writer.progress(10, 2.5, 1234.0, 0.42)
+  writer.progress(20, 2.25, 1300.0, 0.43)
+  writer.close()
+  err = capsys.readouterr().err
+  assert "loss=2.250" in err and "tok/s=1,300" in err and "mfu=0.43" in err, err
+  assert re.search(r"20/100 \[\d\d:\d\d<\d\d:\d\d", err), err  # elapsed < remaining (the ETA)
+
+
+def test_sweep_writes_csv_and_markdown_tables(tmp_path):
+  """The grid's runs, already finished (a rerun of a sweep skips them): no training here, only the tables."""
+  import csv
+  names = []
+  for lr in ("1e-3", "3e-3"):
+    for batch in ("8", "16"):
+      names.append(f"learning_rate={lr}_batch_size={batch}")
+      os.makedirs(tmp_path / names[-1])
+      (tmp_path / names[-1] / "summary.json").write_text(json.dumps(
+          {"val_loss": float(lr) * 1000 + int(batch), "tokens_per_sec": 10.0}))
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), f"--workdir={tmp_path}",
+                        "--grid=optimizer.learning_rate=1e-3,3e-3", "--grid=batch_size=8,16"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+  assert [(r["optimizer.learning_rate"], r["batch_size"], float(r["val_loss"])) for r in rows] == [
+      ("1e-3", "8", 9.0), ("1e-3", "16", 17.0), ("3e-3", "8", 11.0), ("3e-3", "16", 19.0)]
+  table = (tmp_path / "results.md").read_text().splitlines()
+  assert table[0] == "| optimizer.learning_rate | batch_size | val_loss | tokens_per_sec | workdir |"
+  assert table[2].startswith("| 1e-3 | 8 | 9.0000 |") and len(table) == 6

@@ -1,13 +1,17 @@
 """The train step: accumulation equals one big batch, meshes match one device, non-finite steps are skipped."""
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from internlm_jax import PRESETS, make_mesh
 from internlm_jax.sharding import DEFAULT_RULES
 from internlm_jax.train import OptimizerConfig, create_train_state, make_optimizer, make_train_step
-from internlm_jax.train.optimizer import decay_mask
+from internlm_jax.train.optimizer import decay_mask, learning_rate_schedule
 from internlm_jax.train.state import state_shardings
 from internlm_jax.train.step import _accumulated_grads
 
@@ -40,7 +44,9 @@ def _run(steps, grad_accum=1, mesh=None, batch_fn=_batch):
   ctx = jax.set_mesh(mesh) if mesh is not None else _null()
   with ctx:
     for i in range(steps):
+      previous = state.params["layers"]["w1"]
       state, metrics = step(state, batch_fn(i))
+      assert previous.is_deleted()  # the state is donated: updated in place, not copied beside the old one
       losses.append(float(metrics["loss"]))
   return state, losses
 
@@ -105,3 +111,47 @@ def test_non_finite_loss_skips_the_update():
   assert np.isnan(np.asarray(state.params["norm"][0]))  # untouched: the poisoned value stays, nothing else moves
   np.testing.assert_array_equal(state.params["layers"]["w1"], before["layers"]["w1"])
   del bad
+
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+  """Traced, not compiled: the step's matmuls run in bfloat16 while params and Adam moments stay float32."""
+  tx = make_optimizer(OPT)
+
+  def traced(config):
+    abstract = jax.eval_shape(lambda: create_train_state(config, tx, seed=0))
+    step = make_train_step(config, tx)
+    return jax.eval_shape(step, abstract, _batch(0))[0], jax.make_jaxpr(step)(abstract, _batch(0))
+
+  (new_state, low), (_, high) = traced(CONFIG.replace(dtype="bfloat16")), traced(CONFIG)
+  for leaf in jax.tree.leaves((new_state.params, new_state.opt_state[1][0].mu, new_state.opt_state[1][0].nu)):
+    assert leaf.dtype == jnp.float32
+  bf16_dots = lambda jaxpr: len(re.findall(r"bf16\[[^\]]*\] = dot_general", str(jaxpr)))
+  assert bf16_dots(low) >= 5 * CONFIG.num_layers and bf16_dots(high) == 0
+
+
+def test_warmup_cosine_schedule_and_global_norm_clipping():
+  cfg = OptimizerConfig(learning_rate=1e-2, min_lr_ratio=0.1, warmup_steps=4, total_steps=20, grad_clip=1.0)
+  lr = jax.jit(jax.vmap(learning_rate_schedule(cfg)))(jnp.array([0, 2, 4, 12, 20]))
+  # Linear warmup to the peak, cosine to min_lr_ratio * peak at total_steps (halfway down at the midpoint).
+  np.testing.assert_allclose(lr, [0.0, 5e-3, 1e-2, 5.5e-3, 1e-3], rtol=1e-5)
+  params = {"w": jnp.ones((4, 3)), "norm": jnp.ones((3,))}
+  # A huge then a small gradient: Adam is scale-free on one step, but not across steps of unequal size.
+  grads = [jax.tree.map(lambda p, v=v: jnp.full(p.shape, v), params) for v in (40.0, 0.1)]
+
+  def updates(opt_cfg):
+    tx = make_optimizer(opt_cfg)
+
+    def run(gs):
+      opt_state, out = tx.init(params), []
+      for g in gs:
+        u, opt_state = tx.update(g, opt_state, params)
+        out.append(u)
+      return out
+    return jax.jit(run)
+
+  clipped = [jax.tree.map(lambda x, n=optax.global_norm(g): x * jnp.minimum(1.0, 1.0 / n), g) for g in grads]
+  no_clip = updates(dataclasses.replace(cfg, grad_clip=0.0))
+  ours, manual, raw = updates(cfg)(grads), no_clip(clipped), no_clip(grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, manual)
+  assert not np.allclose(ours[1]["w"], raw[1]["w"])

@@ -106,9 +106,12 @@ def build_data(cfg):
     tok_path = cfg.data.tokenizer
     if not tok_path:
       raise ConfigError("config.data.tokenizer must name a sentencepiece model when corpus='files'")
-    train = sources.make_source(_split_paths(cfg.data.train_paths), format=cfg.data.format, field=cfg.data.field)
+    # A "tfds:" path names a whole dataset, so the split comes from the config (older configs lack the keys).
+    train = sources.make_source(_split_paths(cfg.data.train_paths), format=cfg.data.format, field=cfg.data.field,
+                                tfds_split=cfg.data.get("tfds_split", "train"))
     val_paths = _split_paths(cfg.data.val_paths)
-    val = sources.make_source(val_paths, format=cfg.data.format, field=cfg.data.field) if val_paths else None
+    val = sources.make_source(val_paths, format=cfg.data.format, field=cfg.data.field,
+                              tfds_split=cfg.data.get("tfds_val_split", "validation")) if val_paths else None
   return Tokenizer(tok_path), train, val
 
 
