@@ -60,6 +60,9 @@ def main(argv):
   loss = "" if summary["loss"] is None else f"loss {summary['loss']:.3f}, "
   print(f"\n{summary['method']} fine-tune finished at step {summary['step']}: {loss}"
         f"tokens/s {summary.get('tokens_per_sec') or 0:,.0f}, {summary['trainable_params']:,} trainable params")
+  # run() logs the data summary at INFO, which this script's WARNING verbosity hides.
+  from internlm_jax.data.sft import SFTSummary
+  print(f"data: {SFTSummary(**summary['data'])}")
   if summary.get("eval_loss") is not None:
     print(f"held-out loss {summary['eval_loss']:.3f} nats/trained token")
   before, after = summary["heldout"]["before"], summary["heldout"]["after"]

@@ -178,6 +178,18 @@ def test_bad_config_is_one_clear_error(setup, override, message):
     validate(_cfg(setup, "lora", over=override))
 
 
+@pytest.mark.parametrize("name,method,outputs", [
+    ("sft_lora_tiny", "lora", (True, True)), ("sft_full_tiny", "full", (True, False)),
+    ("sft_qlora_tiny", "qlora", (True, True)), ("dpo_lora_tiny", "dpo", (True, True))])
+def test_every_finetune_config_validates(setup, name, method, outputs):
+  # The loop tests start from sft_lora_tiny and override the method; the committed configs are checked here.
+  import importlib
+  c = importlib.import_module(f"configs.{name}").get_config()
+  c.base.checkpoint = str(setup[1])
+  validate(c)
+  assert c.method == method and (bool(c.output.hf), bool(c.output.adapter)) == outputs
+
+
 def test_skipped_records_are_reported(setup, tmp_path, caplog):
   """Records dropped for length were only counted in summary.json, under a script that logs at WARNING."""
   from internlm_jax.finetune.data import build_finetune_data
@@ -236,6 +248,7 @@ def test_fine_tuning_beats_the_pretrained_model_on_held_out_questions(tmp_path):
                        f"--config.base.checkpoint={tmp_path / 'pre'}", "--config.output.hf=False", *one_device],
                       env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
   assert ft.returncode == 0, ft.stderr[-3000:]
+  assert re.search(r"^data: \d+ samples: .* tokens, \d+ trained", ft.stdout, re.M), ft.stdout[-2000:]
   found = re.search(r"held-out accuracy: before ([\d.]+)%, after ([\d.]+)%", ft.stdout)
   assert found, ft.stdout[-2000:]
   before, after = float(found.group(1)), float(found.group(2))

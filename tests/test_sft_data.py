@@ -82,6 +82,37 @@ def test_tool_call_turns(tok):
   assert tok.special_id(tk.ACTION_START) in sample.ids[sample.trained]
 
 
+def test_environment_turns_are_masked_unless_flagged(tok):
+  # The issue names environment turns as masked by default; the tool test covers only OpenAI's `tool` role.
+  env = {"role": "environment", "content": "celsius 22"}
+  messages = [{"role": "user", "content": "Weather?"}, env, {"role": "assistant", "content": "It is 22."}]
+  sample = sft.encode_messages(tok, messages)
+  assert _trained_text(tok, sample) == ["It is 22.<|im_end|>"]
+  flagged = sft.encode_messages(tok, [messages[0], dict(env, loss=True), messages[2]])
+  assert _trained_text(tok, flagged) == ["celsius 22<|im_end|>", "It is 22.<|im_end|>"]
+
+
+def test_end_truncation_never_splits_a_special_token(tok):
+  # Every special piece is one id, so any token-level cut keeps whole pieces: check every cut of a tool-call
+  # sample decodes to a prefix of the full text and leaves no fragment of a piece at its end.
+  tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+  call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Shanghai"}'}}
+  messages = [{"role": "user", "content": "What is the weather in Shanghai?"},
+              {"role": "assistant", "content": "", "tool_calls": [call]},
+              {"role": "tool", "content": '{"celsius": 22}'}, {"role": "assistant", "content": "It is 22."}]
+  full = sft.encode_messages(tok, messages, tools)
+  text = tok.decode(full.ids)
+  specials = set(tok.special_ids.values()) | {tok.bos_id}
+  assert sum(int(i) in specials for i in full.ids) >= 12
+  for limit in range(2, len(full.ids)):
+    cut = sft.truncate(full, limit, "end")
+    if cut is None:
+      continue
+    assert len(cut.ids) == limit
+    prefix = tok.decode(cut.ids)
+    assert text.startswith(prefix) and not re.search(r"<\|?[a-z_]*\|?$", prefix), prefix[-20:]
+
+
 def test_packed_rows_masks_and_segments(tok):
   records = [{"instruction": f"Which play? {i}", "output": "Coriolanus." * (1 + i % 3)} for i in range(7)]
   rows, summary = sft.build_sft_rows(records, tok, seq_len=96)
