@@ -21,6 +21,9 @@ def get_config():
   c.task_eval_config = ""     # an eval config file (e.g. configs/eval_tiny.py) run in-process during training
   c.task_eval_every = 0       # ... every this many steps; scores land in metrics.jsonl as eval/<dataset>/<metric>
 
+  c.init_from = ""            # continue pretraining from an HF folder, params folder or workdir (its shape, weights
+                              # and tokenizer) instead of a random init; a resumed run uses its own checkpoints
+
   c.mesh = config_dict.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
 
   c.model = config_dict.ConfigDict()

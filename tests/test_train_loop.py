@@ -201,6 +201,10 @@ def test_workdir_mistakes_are_one_clear_error(corpus, tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(ConfigError, match="is a file, not a folder"):
     run(cfg, str(tmp_path / "file"))
+  missing = cfg.copy_and_resolve_references()
+  missing.init_from = str(tmp_path / "no_such_model")
+  with pytest.raises(ConfigError, match="init_from=.*does not exist"):
+    run(missing, str(tmp_path / "fresh"))
   # A run of a wider model (eager zeros: no compile) in the workdir.
   other = get_preset("tiny").replace(vocab_size=320, hidden_size=128)
   abstract = checkpoint_lib.abstract_train_state(other, make_optimizer(OptimizerConfig(total_steps=2)))
@@ -279,3 +283,22 @@ def test_sweep_writes_csv_and_markdown_tables(tmp_path):
   table = (tmp_path / "results.md").read_text().splitlines()
   assert table[0] == "| optimizer.learning_rate | batch_size | val_loss | tokens_per_sec | workdir |"
   assert table[2].startswith("| 1e-3 | 8 | 9.0000 |") and len(table) == 6
+
+
+@pytest.mark.slow
+def test_init_from_an_hf_folder_takes_its_shape_and_weights(corpus, tmp_path):
+  """config.init_from: continued pretraining from an HF folder. With a zero learning rate the run's checkpoint
+  holds the folder's weights bit for bit, in the folder's shape (one more layer than the config's preset)."""
+  import jax
+  from internlm_jax import PRESETS, hf_io, init_params
+  base = PRESETS["tiny"].replace(num_layers=PRESETS["tiny"].num_layers + 1)
+  params = init_params(base, jax.random.key(7))
+  hf_io.save_hf_checkpoint(tmp_path / "hf", base, params)
+  workdir = tmp_path / "continued"
+  extra = [f"--config.init_from={tmp_path / 'hf'}", "--config.optimizer.learning_rate=0.0"]
+  out = subprocess.run(_args(corpus, workdir, steps=2, extra=extra), env=_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads((workdir / "model_config.json").read_text())["num_layers"] == base.num_layers
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               _final_params(workdir, 2), params)

@@ -5,6 +5,7 @@ newest good checkpoint and continues bit-exactly (params, optimizer, RNG and dat
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -94,6 +95,15 @@ def make_workdir(workdir: str) -> None:
 
 def _split_paths(value: str) -> list[str]:
   return [p for p in str(value).split(",") if p]
+
+
+def _load_init(cfg, path: str, mesh):
+  """(config, params on the mesh, tokenizer path or None) of `config.init_from`: an HF InternLM2 folder, a params
+  folder or a pretraining workdir (finetune.base.load_base tells them apart)."""
+  from internlm_jax.finetune.base import load_base  # noqa: PLC0415  (finetune builds on train, not the reverse)
+  if not os.path.exists(path):
+    raise ConfigError(f"config.init_from={path!r} does not exist; name an HF folder, params folder or workdir")
+  return load_base(path, mesh=mesh, preset=cfg.model.preset, overrides=dict(cfg.model.get("overrides", {}) or {}))
 
 
 def build_data(cfg):
@@ -197,8 +207,22 @@ def run(cfg, workdir: str, on_log=None) -> dict:
   validate(cfg)
   make_workdir(workdir)
   mesh = make_mesh(**dict(cfg.mesh))
+  init_from = str(cfg.get("init_from", "") or "")
+  base_params = None
+  if init_from:  # continued pretraining: the shape, weights and (unless data.tokenizer says) tokenizer of a base
+    base_config, base_params, base_tok = _load_init(cfg, init_from, mesh)
+    if base_tok and not cfg.data.tokenizer:
+      cfg = copy.deepcopy(cfg)
+      cfg.data.tokenizer = base_tok
   tokenizer, train_source, val_source = build_data(cfg)
   model = model_config_from(cfg, tokenizer.vocab_size)
+  if init_from:
+    model = base_config.replace(param_dtype=model.param_dtype, dtype=model.dtype, remat_policy=model.remat_policy,
+                                scan_layers=model.scan_layers, attention_impl=model.attention_impl,
+                                **_optional_model_keys(cfg))
+    if tokenizer.vocab_size > model.vocab_size:
+      raise ConfigError(f"the tokenizer's {tokenizer.vocab_size} pieces do not fit {init_from}'s vocabulary of "
+                        f"{model.vocab_size}")
   param_sharding = param_shardings(model, mesh)  # raises naming the weight if the mesh does not divide it
   opt_cfg = OptimizerConfig(total_steps=cfg.steps, **dict(cfg.optimizer))
   tx = make_optimizer(opt_cfg)
@@ -208,12 +232,16 @@ def run(cfg, workdir: str, on_log=None) -> dict:
   def fresh_state():
     return create_train_state(model, tx, seed=cfg.seed, mesh=mesh)
 
+  def first_state():  # only when no checkpoint exists: a resumed run continues from its own weights
+    return fresh_state() if base_params is None else create_train_state(model, tx, cfg.seed, mesh, params=base_params)
+
   abstract = jax.eval_shape(fresh_state)
   shardings = train_state_shardings(abstract, tx, mesh, param_sharding)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   ckpt = checkpoint_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
                                           keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
-  state, data_state = ckpt.restore_or_init(abstract, fresh_state)
+  state, data_state = ckpt.restore_or_init(abstract, first_state)
+  base_params = None
   # Written only once the checkpoints are known to fit this config: a mismatched rerun must not overwrite the
   # description of the run that is on disk.
   if jax.process_index() == 0:  # serving, evaluation and convert.py read the model and tokenizer from here
@@ -307,7 +335,8 @@ def run(cfg, workdir: str, on_log=None) -> dict:
       prompt = tokenizer.encode(cfg.sample_prompt, add_bos=True)
       new = generate(state.params, model, [prompt], cfg.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed,
                      stop_ids=tuple(tokenizer.stop_token_ids))[0]
-      summary["sample"] = cfg.sample_prompt + tokenizer.decode(new)
+      # An init_from model's vocabulary may be padded past the tokenizer's: those ids have no text.
+      summary["sample"] = cfg.sample_prompt + tokenizer.decode([t for t in new if t < tokenizer.vocab_size])
   ckpt.close()
   summary["loss_curve"] = metrics_lib.plot_loss_curve(workdir)
   if jax.process_index() == 0:

@@ -27,12 +27,16 @@ class TrainState:
 
 
 def create_train_state(config: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh=None,
-                       rules: ShardingRules = DEFAULT_RULES) -> TrainState:
-  """Fresh state with params born sharded; optimizer moments inherit each param's sharding."""
+                       rules: ShardingRules = DEFAULT_RULES, params=None) -> TrainState:
+  """Fresh state with params born sharded; optimizer moments inherit each param's sharding. `params` (e.g. a
+  pretrained model's, on the mesh) replace the random init; they are cast to config.param_dtype (the master
+  weights) and donated."""
   init_key, rng = jax.random.split(jax.random.key(seed))
-  params = init_params(config, init_key, mesh=mesh, rules=rules)
+  if params is None:
+    params = init_params(config, init_key, mesh=mesh, rules=rules)
 
   def build(params):
+    params = jax.tree.map(lambda p: p.astype(config.param_dtype), params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32))
 
