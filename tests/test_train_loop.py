@@ -302,3 +302,46 @@ def test_init_from_an_hf_folder_takes_its_shape_and_weights(corpus, tmp_path):
   assert json.loads((workdir / "model_config.json").read_text())["num_layers"] == base.num_layers
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                _final_params(workdir, 2), params)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_cleanly_and_the_rerun_matches(corpus, uninterrupted, tmp_path):
+  """A preemption notice (SIGTERM) mid-run: a checkpoint of the step it stopped at, exit code 0, and the rerun
+  ends with the uninterrupted run's losses and parameters."""
+  full_dir, _ = uninterrupted
+  workdir = tmp_path / "preempted"
+  proc = subprocess.Popen(_args(corpus, workdir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if (workdir / "metrics.jsonl").exists() and '"step": 3' in (workdir / "metrics.jsonl").read_text():
+      break
+    time.sleep(0.1)
+  assert proc.poll() is None, "the run finished before the signal; make it longer"
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  stopped = int(stdout.split("preempted at step ")[1].split(";")[0])
+  assert stopped < 8 and (workdir / "checkpoints" / str(stopped) / "commit_success.txt").exists()
+  out = subprocess.run(_args(corpus, workdir), env=_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert _losses(workdir) == _losses(full_dir)
+  import jax
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               _final_params(workdir, 8), _final_params(full_dir, 8))
+
+
+@pytest.mark.slow
+def test_diverging_run_halts_in_one_line_and_keeps_finite_checkpoints(corpus, tmp_path):
+  workdir = tmp_path / "diverged"
+  extra = ["--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup_steps=1",
+           "--config.halt_after_nonfinite=2", "--config.optimizer.grad_clip=0.0"]
+  out = subprocess.run(_args(corpus, workdir, steps=12, extra=extra), env=_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: 2 consecutive non-finite steps") and "lower optimizer.learning_rate" in last
+  import jax
+  for step in [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]:
+    for leaf in jax.tree.leaves(_final_params(workdir, step)):
+      assert np.isfinite(np.asarray(leaf, np.float32)).all(), step
