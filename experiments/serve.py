@@ -5,7 +5,8 @@ r"""OpenAI-compatible server for an InternLM2 checkpoint (like `lmdeploy serve a
 
 Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions (see
 internlm_jax/serve/api.py). A full queue answers 429; the KV cache is sized once at start-up from
---kv_cache_fraction of free device memory (or --num_pages), so memory use never grows while serving.
+--kv_cache_fraction of free device memory (on CPU: of the host's available memory; or --num_pages), so
+memory use never grows while serving.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ _MAX_QUEUE = flags.DEFINE_integer("max_queue", 128, "Requests that may wait for 
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "Context per sequence; default the model's.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool (overrides --kv_cache_fraction).")
-_KV_FRACTION = flags.DEFINE_float("kv_cache_fraction", 0.8, "Share of free device memory for the KV cache.")
+_KV_FRACTION = flags.DEFINE_float("kv_cache_fraction", 0.8, "Share of free device memory (CPU: the host's available memory) for the KV cache.")
 _KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, ["int8"], "int8: quantized KV cache (per-token scales).")
 _STEPS = flags.DEFINE_integer("steps_per_call", 8, "Decode steps per host round trip.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (power of two).")

@@ -40,10 +40,17 @@ def test_page_pool_sized_from_a_memory_budget(model, monkeypatch):
   engine = Engine(params, config, dataclasses.replace(EC, kv_budget_bytes=5 * per_page))
   assert engine.allocator.num_pages == 5 and engine.allocator.usable_pages == 4
   assert engine.max_request_tokens == 4 * 8  # the pool, not the context, bounds a request now
-  # serve.py: a share of the device's free memory (CPU reports none: full-length slots instead).
+  # serve.py: a share of the device's free memory; CPU devices report none, so the host's available memory.
+  real_cpu = loading.jax.local_devices()[0]
+  if real_cpu.platform == "cpu" and loading.host_available_bytes() is not None:
+    assert 0 < loading.kv_budget_bytes(0.5, tensor=1) <= loading.host_available_bytes() // 2 + 2**30
   device = types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": 1000, "bytes_in_use": 200})
   monkeypatch.setattr(loading.jax, "local_devices", lambda: [device])
   assert loading.kv_budget_bytes(0.5, tensor=2) == 800
+  cpu = types.SimpleNamespace(memory_stats=lambda: None, platform="cpu")
+  monkeypatch.setattr(loading.jax, "local_devices", lambda: [cpu])
+  monkeypatch.setattr(loading, "host_available_bytes", lambda: 10_000)
+  assert loading.kv_budget_bytes(0.8, tensor=2) == 8_000  # one host: not multiplied by the tensor axis
   monkeypatch.setattr(loading, "kv_budget_bytes", lambda fraction, tensor: 3 * per_page)
   assert loading.build_engine(config, params, EC).allocator.num_pages == 3
 

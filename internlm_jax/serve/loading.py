@@ -77,13 +77,30 @@ def _load(checkpoint, preset, mesh, dtype, seed):
 
 
 def kv_budget_bytes(fraction: float, tensor: int) -> int | None:
-  """`fraction` of the first device's free memory, times the devices the pages are split over; None on
-  backends that do not report memory (CPU), where the engine sizes the pool for full-length slots."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if "bytes_limit" not in stats:
-    return None
-  free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-  return int(free * fraction) * max(tensor, 1)
+  """`fraction` of the first device's free memory, times the devices the pages are split over. CPU devices
+  report no memory: there the host's available memory (after the weights loaded) is the budget, so a long
+  context times many slots cannot ask for more RAM than the machine has. None when neither is known."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if "bytes_limit" in stats:
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return int(free * fraction) * max(tensor, 1)
+  if getattr(device, "platform", None) == "cpu":
+    available = host_available_bytes()
+    return None if available is None else int(available * fraction)  # CPU "devices" share the one host
+  return None
+
+
+def host_available_bytes() -> int | None:
+  """MemAvailable of /proc/meminfo (Linux): free memory plus what the kernel can reclaim."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
 
 
 def build_engine(config: ModelConfig, params, engine_config: EngineConfig, *, mesh=None, tensor: int = 1,
