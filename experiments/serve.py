@@ -37,7 +37,8 @@ _MAX_QUEUE = flags.DEFINE_integer("max_queue", 128, "Requests that may wait for 
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "Context per sequence; default the model's.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool (overrides --kv_cache_fraction).")
-_KV_FRACTION = flags.DEFINE_float("kv_cache_fraction", 0.8, "Share of free device memory (CPU: the host's available memory) for the KV cache.")
+_KV_FRACTION = flags.DEFINE_float("kv_cache_fraction", 0.8, "Share of free device memory (CPU: the host's "
+                                  "available memory) for the KV cache.")
 _KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, ["int8"], "int8: quantized KV cache (per-token scales).")
 _STEPS = flags.DEFINE_integer("steps_per_call", 8, "Decode steps per host round trip.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (power of two).")
