@@ -70,7 +70,8 @@ def drive(engine, work, slots, halt=False, steps_run=None):
   return tokens, logprobs, buckets
 
 
-@pytest.mark.parametrize("min_bucket", [16, 1])
+# min_bucket 1 (every bucket size, rounding-level differences allowed) is slow-marked: the fast suite's time budget.
+@pytest.mark.parametrize("min_bucket", [16, pytest.param(1, marks=pytest.mark.slow)])
 def test_request_output_does_not_depend_on_its_neighbours(model, min_bucket):
   config, params = model
   engine = Engine(params, config, dataclasses.replace(EC, min_decode_bucket=min_bucket))
