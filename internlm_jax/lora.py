@@ -380,8 +380,10 @@ def load_adapter(path: str | os.PathLike, config: ModelConfig, *, mesh=None,
   targets = raw.get("target_modules")
   if isinstance(targets, str) or not targets:
     raise LoraError(f"{cfg_path}: target_modules must be a list of names from {sorted(TARGETS)}, got {targets!r}")
-  lcfg = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
-                    targets=tuple(targets))
+  # PEFT matches a target by its dotted suffix ("attention.wqkv" names wqkv); r and lora_alpha default to 8 there.
+  targets = tuple(str(t).rsplit(".", 1)[-1] for t in targets)
+  lcfg = LoraConfig(rank=int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", 8)),
+                    dropout=float(raw.get("lora_dropout", 0.0)), targets=targets)
   weights = os.path.join(folder, ADAPTER_WEIGHTS)
   if not os.path.isfile(weights):
     raise LoraError(f"{weights}: missing (adapter_model.bin is not supported)")

@@ -224,6 +224,11 @@ def test_peft_names_round_trip(base, tmp_path):
   assert lcfg2 == LCFG
   for got, want in zip(jax.tree.leaves(lora2), jax.tree.leaves(lora)):
     np.testing.assert_array_equal(got, want)
+  # PEFT's dotted-suffix target names load as the bare names (they were refused).
+  cfg["target_modules"] = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                           "feed_forward.w3", "output"]
+  (tmp_path / L.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+  assert L.load_adapter(tmp_path, CONFIG)[0] == LCFG
   del tensors["base_model.model.output.lora_A.weight"]
   with pytest.raises(L.LoraError, match="output.lora_A"):
     L.from_peft_state_dict(CONFIG, LCFG, tensors)

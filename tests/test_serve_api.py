@@ -142,6 +142,16 @@ def test_null_optional_fields_mean_the_default(setup):
   assert post(client, "/v1/completions", {"model": None, "prompt": "hi"})[0] == 400  # required stays required
 
 
+def test_developer_role_is_the_system_prompt(setup):
+  _, _, tok, _ = setup
+  scripted = ScriptedScheduler(tok, "ok")
+  client = TestClient(create_app(scripted, tok, MODEL))
+  for role in ("developer", "system"):
+    messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert post(client, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2})[0] == 200
+  assert scripted.prompts[0] == scripted.prompts[1] and "system\nBe brief." in scripted.prompts[0]
+
+
 def test_completion_stream_include_usage(setup):
   client, *_ = setup
   req = {"model": MODEL, "prompt": ["The quick", "Numbers 0 1"], "max_tokens": 3, "temperature": 0,

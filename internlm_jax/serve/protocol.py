@@ -148,6 +148,9 @@ class ChatRequest(_Common):
       raise APIError(400, "tool_choice needs tools", param="tool_choice")
     _check_content_parts(self.messages)
     _check_tools(self.tools or [])
+    # OpenAI's newer clients send the system prompt as role "developer"; the template knows it as system.
+    self.messages = [dict(m, role="system") if isinstance(m, dict) and m.get("role") == "developer" else m
+                     for m in self.messages]
 
 
 def _check_content_parts(messages: list[dict[str, Any]]) -> None:
