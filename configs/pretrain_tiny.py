@@ -43,12 +43,17 @@ def get_config():
 
   c.data = config_dict.ConfigDict()
   c.data.corpus = "shakespeare"  # or "files": read data.train_paths / data.val_paths
-  c.data.train_paths = ""        # comma-separated files/folders, jsonl or array_record; "tfds:DIR" for tfds
-  c.data.val_paths = ""
-  c.data.format = "auto"
+  # train_paths / val_paths, without weights: ONE source, comma-separated files/folders of one format (text, jsonl,
+  # array_record), or a single "tfds:NAME_OR_DIR". With weights: a mixture sampled by document, one component per
+  # comma item, every item weighted, each its own format and field ([FORMAT:]PATH:WEIGHT[:FIELD]; weights are
+  # normalised, 0 switches a component off; an empty FIELD is the format's default, e.g. raw ArrayRecord text):
+  #   "web/:0.7,code.array_record:0.2:,tfds:/data/wiki:0.1"   (details: internlm_jax/data/mixture.py)
+  c.data.train_paths = ""
+  c.data.val_paths = ""          # same syntax; a mixture is evaluated on its weighted stream
+  c.data.format = "auto"         # of every source/component without a FORMAT: prefix; auto = by file extension
   c.data.tfds_split = "train"    # the splits read from a "tfds:NAME_OR_DIR" path
   c.data.tfds_val_split = "validation"
-  c.data.field = "text"
+  c.data.field = "text"          # the text column of jsonl/tfds records (and of ArrayRecord JSON records; "": raw)
   c.data.tokenizer = ""          # a sentencepiece .model; empty = train (and cache) one on Shakespeare
   c.data.vocab_size = 4096
   c.data.host_sharding = "documents"  # "rows": every host reads all data, losses independent of process count

@@ -1,4 +1,4 @@
-"""The pretraining input pipeline: source -> host shard -> shuffle/repeat -> tokenize -> pack -> batch (grain).
+"""The pretraining input pipeline: source -> host shard -> shuffle/repeat -> tokenize [-> mix] -> pack -> batch.
 
     ds = make_pretrain_dataset(source, tokenizer, seq_len=512, batch_size=8, seed=0)
     it = iter(ds)
@@ -10,6 +10,18 @@ Determinism: the document order depends only on (source, seed, shard_index, shar
 reshuffled with seed + epoch (grain's `shuffle` then `repeat`). Documents are sharded by host before
 shuffling, round-robin (`[shard_index::shard_count]`), so hosts read disjoint documents that together cover the
 corpus; `batch_size` is the number of rows per host.
+
+Mixtures (`mixture.Mixture`, from a weighted spec such as "web/:0.7,code.array_record:0.2,tfds:DIR:0.1"):
+each component goes through the same shard -> shuffle/repeat -> tokenize steps on its own (its shuffle seed
+derived from `seed` and its position), then `grain.IterDataset.mix` interleaves the documents by weight before
+packing, so rows hold documents of several components. grain's mix is a deterministic interleave (3:1 weights
+give exactly one document in four from the second component); the randomness is in each component's shuffle.
+Blank documents are dropped before mixing, so the weights are shares of real documents (not of tokens: a
+component of long documents gets more tokens than its weight). A repeating mixture never ends; with
+`num_epochs` it ends as soon as any component runs out. A mixture of one component is that component's
+plain pipeline, batch for batch. The iterator state holds each component's position (by order in the spec):
+a run may be resumed with other weights, or with components appended, and each kept component continues where
+it was (only the document being packed at the save may be cut short); reordering components swaps positions.
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ import grain
 import numpy as np
 
 from internlm_jax.data.packing import PackIterDataset, pad_batch
+from internlm_jax.data.mixture import Mixture
 from internlm_jax.data.sources import DataError
 
 
@@ -43,6 +56,28 @@ def _not_blank(text: str) -> bool:
   return bool(text.strip())
 
 
+def _component_seed(seed: int, position: int) -> int:
+  """A shuffle seed per component: equal-sized components must not share one permutation."""
+  return int(np.random.SeedSequence([seed, position]).generate_state(1)[0])
+
+
+def _documents(source, tokenizer, seed, shuffle, num_epochs, index, count, label) -> grain.MapDataset:
+  """Token arrays of one source's host shard, shuffled per epoch and repeated; blank documents dropped."""
+  total = len(source)
+  ds = grain.MapDataset.source(source)[index::count]
+  if len(ds) == 0:
+    raise DataError(f"{label}data shard {index} of {count} is empty: the corpus has only {total} documents")
+  # Blank documents are filtered out below; if all of them are blank, a repeating stream would spin forever
+  # looking for one (and a one-epoch stream would be silently empty). Stops at the first non-blank document.
+  if not any(_not_blank(ds[i]) for i in range(len(ds))):
+    raise DataError(f"{label}data shard {index} of {count}: all {len(ds)} documents are empty or whitespace")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  return ds.filter(_not_blank).map(functools.partial(_tokenize, tokenizer=tokenizer))
+
+
 def make_pretrain_dataset(source: Sequence[str], tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
                           shuffle: bool = True, num_epochs: int | None = None, shard_index: int | None = None,
                           shard_count: int | None = None, drop_remainder: bool = False,
@@ -50,7 +85,7 @@ def make_pretrain_dataset(source: Sequence[str], tokenizer, *, seq_len: int, bat
   """Batches of packed rows (see `packing`) from a random-access source of text documents.
 
   Args:
-    source: a sources.* object (or any sequence of strings).
+    source: a sources.* object (or any sequence of strings), or a `mixture.Mixture` of them.
     tokenizer: the project's `Tokenizer`; each document gets one BOS and one EOS; padding uses `pad_id`.
     seq_len, batch_size: row length and rows per batch on this host.
     seed: shuffle seed (with `shuffle`); num_epochs: None repeats forever.
@@ -65,21 +100,20 @@ def make_pretrain_dataset(source: Sequence[str], tokenizer, *, seq_len: int, bat
   if not 0 <= seed < 2**32:
     raise DataError(f"seed must be in [0, 2**32), got {seed}")
   index, count = host_shard(shard_index, shard_count)
-  total = len(source)
-  ds = grain.MapDataset.source(source)[index::count]
-  if len(ds) == 0:
-    raise DataError(f"data shard {index} of {count} is empty: the corpus has only {total} documents")
-  # Blank documents are filtered out below; if all of them are blank, a repeating stream would spin forever
-  # looking for one (and a one-epoch stream would be silently empty). Stops at the first non-blank document.
-  if not any(_not_blank(ds[i]) for i in range(len(ds))):
-    raise DataError(f"data shard {index} of {count}: all {len(ds)} documents are empty or whitespace")
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
-  ds = ds.filter(_not_blank).map(functools.partial(_tokenize, tokenizer=tokenizer))
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
-  packed = PackIterDataset(ds.to_iter_dataset(read_options), seq_len=seq_len, pad_id=tokenizer.pad_id)
+  if isinstance(source, Mixture) and len(source.components) == 1:  # a mixture of one is that source, batch for batch
+    source = source.components[0].source
+  if isinstance(source, Mixture):
+    # A list, not a name-keyed mapping: states and seeds then follow the component's position in the spec, so the
+    # batches (and a resume) do not depend on where the files are mounted.
+    docs = grain.IterDataset.mix(
+        [_documents(c.source, tokenizer, _component_seed(seed, i), shuffle, num_epochs, index, count,
+                    f"mixture component {c.name!r}: ").to_iter_dataset(read_options)
+         for i, c in enumerate(source.components)],
+        [c.weight for c in source.components])
+  else:
+    docs = _documents(source, tokenizer, seed, shuffle, num_epochs, index, count, "").to_iter_dataset(read_options)
+  packed = PackIterDataset(docs, seq_len=seq_len, pad_id=tokenizer.pad_id)
   batched = packed.batch(batch_size, drop_remainder=drop_remainder)
   if not drop_remainder:
     batched = batched.map(functools.partial(pad_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))

@@ -239,15 +239,19 @@ def make_source(paths, format: str = "auto", field: str | None = None, split: st
                 max_chars: int = 0, tfds_split: str = "train"):
   """A source from paths and a format; "auto" picks by extension (.jsonl/.json, .array_record*, else text).
 
-  A `tfds:NAME_OR_DIR` path (or format="tfds") opens a tfds ArrayRecord dataset. `field` names the text column
-  of jsonl and tfds records (default "text"); ArrayRecord records are raw UTF-8 text unless `field` is given.
+  A `tfds:NAME_OR_DIR` path (or format="tfds") opens a tfds ArrayRecord dataset; it must be the only path. `field`
+  names the text column of jsonl and tfds records (default "text"); ArrayRecord records are raw UTF-8 text unless
+  `field` is given. Several sources mixed by weight: `mixture.open_spec`.
   """
   if format not in SOURCE_FORMATS:
     raise DataError(f"source format must be one of {SOURCE_FORMATS}, got {format!r}")
   items = _as_paths(paths)
   if not items:
     raise DataError("no corpus paths given")
-  if format == "tfds" or items[0].startswith("tfds:"):
+  if format == "tfds" or any(item.startswith("tfds:") for item in items):
+    if len(items) > 1:  # a second path used to be dropped without a word
+      raise DataError(f"a tfds dataset must be the only path of a source, got {items}; to combine sources give "
+                      "each a weight (PATH:WEIGHT,...; see internlm_jax/data/mixture.py)")
     return TfdsSource(items[0].removeprefix("tfds:"), split=tfds_split, field=field or "text")
   if format == "auto":
     files = expand_files(items)
@@ -258,6 +262,6 @@ def make_source(paths, format: str = "auto", field: str | None = None, split: st
     format = kinds.pop()  # noqa: A001
   if format == "jsonl":
     return JsonlSource(items, field=field or "text")
-  if format == "array_record":
-    return ArrayRecordSource(items, field=field)
+  if format == "array_record":  # an empty field (a config's "") means raw text records, as None does
+    return ArrayRecordSource(items, field=field or None)
   return TextSource(items, split=split, max_chars=max_chars)

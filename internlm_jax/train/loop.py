@@ -19,7 +19,7 @@ from absl import logging
 
 from internlm_jax import checkpoint as checkpoint_lib
 from internlm_jax.config import ConfigError, ModelConfig, get_preset
-from internlm_jax.data import pipeline, sources
+from internlm_jax.data import mixture, pipeline
 from internlm_jax.generate import generate
 from internlm_jax.model import param_shardings
 from internlm_jax.sharding import DEFAULT_RULES, make_mesh
@@ -106,6 +106,13 @@ def _load_init(cfg, path: str, mesh):
   return load_base(path, mesh=mesh, preset=cfg.model.preset, overrides=dict(cfg.model.get("overrides", {}) or {}))
 
 
+def _open_corpus(key: str, spec, cfg, tfds_split: str):
+  corpus = mixture.open_spec(spec, format=cfg.data.format, field=cfg.data.field, tfds_split=tfds_split)
+  if isinstance(corpus, mixture.Mixture):
+    logging.info("config.data.%s: %s", key, corpus.describe())
+  return corpus
+
+
 def build_data(cfg):
   """(tokenizer, train source, validation source or None)."""
   if cfg.data.corpus == "shakespeare":
@@ -117,11 +124,10 @@ def build_data(cfg):
     if not tok_path:
       raise ConfigError("config.data.tokenizer must name a sentencepiece model when corpus='files'")
     # A "tfds:" path names a whole dataset, so the split comes from the config (older configs lack the keys).
-    train = sources.make_source(_split_paths(cfg.data.train_paths), format=cfg.data.format, field=cfg.data.field,
-                                tfds_split=cfg.data.get("tfds_split", "train"))
+    # Either key may be a weighted mixture (data/mixture.py); without weights each is one source as before.
+    train = _open_corpus("train_paths", cfg.data.train_paths, cfg, cfg.data.get("tfds_split", "train"))
     val_paths = _split_paths(cfg.data.val_paths)
-    val = sources.make_source(val_paths, format=cfg.data.format, field=cfg.data.field,
-                              tfds_split=cfg.data.get("tfds_val_split", "validation")) if val_paths else None
+    val = _open_corpus("val_paths", val_paths, cfg, cfg.data.get("tfds_val_split", "validation")) if val_paths else None
   return Tokenizer(tok_path), train, val
 
 
