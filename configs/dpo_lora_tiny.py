@@ -3,6 +3,10 @@ rejected), sigmoid loss with beta, the base (adapter off) as the reference model
 
   python experiments/finetune.py --config=configs/dpo_lora_tiny.py --workdir=DIR --config.base.checkpoint=BASE
   (files: --config.data.source=files --config.data.train_paths=pairs.jsonl with {"prompt", "chosen", "rejected"})
+
+Held-out pairs (the built-in tasks' held-out questions, or --config.data.eval_paths=dev_pairs.jsonl in the training
+format) are evaluated before training, every eval_every steps and at the end: DPO loss, reward accuracy, rewards
+and margin over every pair (eval_batches limits only SFT's evaluation), logged as eval_* in metrics.jsonl.
 """
 from configs import sft_lora_tiny
 

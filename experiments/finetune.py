@@ -8,7 +8,8 @@
 
 Writes DIR/checkpoints/, DIR/metrics.jsonl, DIR/summary.json, DIR/hf (merged HF folder) and DIR/adapter (PEFT).
 With multiple-choice held-out data (the built-in Shakespeare tasks) it prints the held-out accuracy before and
-after. `--cpu_devices` simulates devices on a CPU-only machine.
+after; DPO with held-out pairs prints their reward accuracy, loss and reward margin before and after.
+`--cpu_devices` simulates devices on a CPU-only machine.
 """
 import os
 import sys
@@ -63,7 +64,15 @@ def main(argv):
   # run() logs the data summary at INFO, which this script's WARNING verbosity hides.
   from internlm_jax.data.sft import SFTSummary
   print(f"data: {SFTSummary(**summary['data'])}")
-  if summary.get("eval_loss") is not None:
+  pairs = summary.get("heldout_pairs")
+  if pairs:  # DPO: its eval_loss is the DPO loss, reported here with the rewards
+    before, after = pairs["before"] or {}, pairs["after"]
+    num = lambda m, k: "n/a" if m.get(k) is None else f"{m[k]:.3f}"
+    print(f"held-out pairs ({after['pairs']}): reward accuracy before {_pct(before.get('reward_accuracy'))}, "
+          f"after {_pct(after['reward_accuracy'])}; DPO loss {num(before, 'loss')} -> {num(after, 'loss')}; "
+          f"reward margin {num(before, 'reward_margin')} -> {num(after, 'reward_margin')} "
+          f"(chosen {num(after, 'chosen_reward')}, rejected {num(after, 'rejected_reward')})")
+  elif summary.get("eval_loss") is not None:
     print(f"held-out loss {summary['eval_loss']:.3f} nats/trained token")
   before, after = summary["heldout"]["before"], summary["heldout"]["after"]
   if before and after:

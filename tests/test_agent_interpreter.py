@@ -109,12 +109,15 @@ def test_ctypes_crash_and_os_exit_restart_the_worker(session):
   recovers(session)
 
 
-def test_matplotlib_figures_become_pngs(session):
-  cell = session.run("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.title('t');")
-  assert cell.status == "ok" and len(cell.images) == 1
-  assert cell.images[0].startswith(session.workdir)
-  assert base64.b64decode(cell.images_base64()[0])[:4] == b"\x89PNG"
-  assert session.run("plt.get_fignums()").result == "[]"  # saved figures are closed
+def test_matplotlib_figures_become_pngs(tmp_path):
+  # Its own session: importing matplotlib can take seconds of a loaded CI machine, past the 4 s cells above.
+  limits = sandbox.SandboxLimits(timeout_s=60.0, cpu_s=30, memory_mb=1024, max_output_bytes=2000)
+  with PythonSession(tmp_path, limits, grace_s=1.0) as session:
+    cell = session.run("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.title('t');")
+    assert cell.status == "ok" and len(cell.images) == 1, cell
+    assert cell.images[0].startswith(session.workdir)
+    assert base64.b64decode(cell.images_base64()[0])[:4] == b"\x89PNG"
+    assert session.run("plt.get_fignums()").result == "[]"  # saved figures are closed
 
 
 def test_interpreter_tool_results(tmp_path):

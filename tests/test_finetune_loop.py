@@ -164,6 +164,46 @@ def test_other_methods_train_and_export(setup, method, tmp_path):
     np.testing.assert_allclose(np.asarray(hf["layers"]["w2"]), np.asarray(want), atol=1e-6)
 
 
+@pytest.mark.slow
+def test_dpo_heldout_evaluation_is_logged_and_leaves_training_unchanged(setup, tmp_path):
+  """DPO with held-out pairs (the training pairs, for a 3-step test) against the same run without: eval_* records
+  at the eval steps, training metrics bitwise equal (JSON floats round-trip exactly). About 1 minute."""
+  root, _ = setup
+  over = {"output.hf": False, "output.adapter": False}
+  runs = {name: run(_cfg(setup, "dpo", steps=3, over=dict(over, **{"data.eval_paths": paths})), str(tmp_path / name))
+          for name, paths in (("eval", str(root / "pairs.jsonl")), ("plain", ""))}
+  with_eval, plain = _records(tmp_path / "eval"), _records(tmp_path / "plain")
+  assert [s for s, r in sorted(with_eval.items()) if "eval_loss" in r] == [2, 3]  # eval_every 2, and the end
+  keys = {"eval_loss", "eval_reward_accuracy", "eval_chosen_reward", "eval_rejected_reward", "eval_reward_margin",
+          "eval_policy_chosen_logps", "eval_policy_rejected_logps", "eval_pairs"}
+  assert keys <= set(with_eval[2]) and with_eval[3]["eval_pairs"] == 8
+  assert {s: {k: v for k, v in r.items() if not k.startswith("eval_")} for s, r in with_eval.items()} == plain
+  pairs = runs["eval"]["heldout_pairs"]
+  assert pairs["before"]["loss"] == pytest.approx(np.log(2), abs=1e-6) and pairs["before"]["reward_margin"] == 0
+  assert pairs["after"]["loss"] == with_eval[3]["eval_loss"] == runs["eval"]["eval_loss"]
+  assert "heldout_pairs" not in runs["plain"] and runs["plain"]["eval_loss"] is None
+
+
+@pytest.mark.slow
+def test_cli_prints_dpo_heldout_pairs_before_and_after(setup, tmp_path):
+  root, base_dir = setup
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  flags = {"base.checkpoint": base_dir, "data.source": "files", "data.train_paths": root / "pairs.jsonl",
+           "data.eval_paths": root / "pairs.jsonl", "steps": 2, "batch_size": 8, "seq_len": 64, "lora.rank": 4,
+           "optimizer.warmup_steps": 1, "mesh.fsdp": 1, "progress": False, "eval.heldout_accuracy": False,
+           "output.hf": False, "output.adapter": False}
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "finetune.py"),
+                        "--config=" + os.path.join(ROOT, "configs", "dpo_lora_tiny.py"), f"--workdir={tmp_path}",
+                        "--cpu_devices=1", *(f"--config.{k}={v}" for k, v in flags.items())],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r"^held-out pairs \(8\): reward accuracy before 0\.0%, after [\d.]+%; DPO loss 0\.693 -> "
+                   r"[\d.]+; reward margin 0\.000 -> -?[\d.]+ \(chosen -?[\d.]+, rejected -?[\d.]+\)$",
+                   out.stdout, re.M), out.stdout[-2000:]
+  assert "nats/trained token" not in out.stdout
+
+
 @pytest.mark.parametrize("override,message", [
     ({"method": "sgd"}, "config.method must be one of"),
     ({"base.checkpoint": ""}, "config.base.checkpoint is empty"),

@@ -10,7 +10,9 @@ resumes bit-exactly, and it writes WORKDIR/metrics.jsonl and WORKDIR/summary.jso
 At the end: WORKDIR/hf (an HF InternLM2 folder of the fine-tuned model, adapters merged, with tokenizer.model)
 and WORKDIR/adapter (PEFT adapter folder). A QLoRA adapter is merged into the dequantized base, the weights it
 was trained against, so the HF folder computes exactly what was evaluated. Multiple-choice held-out records are
-scored before (the model at step 0: the base, for QLoRA the NF4 base) and after.
+scored before (the model at step 0: the base, for QLoRA the NF4 base) and after. Held-out rows are evaluated
+every eval_every steps and at the end (metrics.jsonl eval_*): SFT's loss over eval_batches batches, and for DPO
+the DPO loss and rewards over every held-out pair (finetune.dpo_eval), also before training for the summary.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from internlm_jax import params_io
 from internlm_jax.config import ConfigError
 from internlm_jax.data.sft import make_batches
 from internlm_jax.finetune import base as base_lib
+from internlm_jax.finetune import dpo_eval
 from internlm_jax.finetune.data import build_finetune_data, split_list
 from internlm_jax.finetune.evaluate import choice_accuracy
 from internlm_jax.hf_io import save_hf_checkpoint
@@ -39,7 +42,7 @@ from internlm_jax.quant_nf4 import KINDS, QUANT_TARGETS, dequantize_params, quan
 from internlm_jax.sharding import DEFAULT_RULES, make_mesh
 from internlm_jax.tokenizer import Tokenizer
 from internlm_jax.train import metrics as metrics_lib
-from internlm_jax.train.dpo import make_dpo_step
+from internlm_jax.train.dpo import make_dpo_eval, make_dpo_step
 from internlm_jax.train.finetune_step import create_adapter_state, make_eval_loss, make_finetune_step
 from internlm_jax.train.loop import TrainingHalted, make_workdir
 from internlm_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -80,6 +83,10 @@ def validate(cfg) -> None:
     raise ConfigError(f"config.data.source must be 'shakespeare' or 'files', got {cfg.data.source!r}")
   if cfg.data.source == "files" and not split_list(cfg.data.train_paths):
     raise ConfigError("config.data.source='files' needs config.data.train_paths (comma-separated .jsonl files)")
+  for key in ("train_paths", "eval_paths") if cfg.data.source == "files" else ("eval_paths",):
+    for path in split_list(cfg.data[key]):
+      if not os.path.exists(path):  # found now, not after minutes of loading the base and tokenizing
+        raise ConfigError(f"config.data.{key}: data file {path!r} does not exist")
   base_lib.base_kind(cfg.base.checkpoint)
 
 
@@ -106,17 +113,15 @@ def _load(cfg, mesh):
   return model, params, tokenizer
 
 
-def _eval_loss(fn, args, rows, cfg, sharding) -> float | None:
+def _eval_loss(fn, args, rows, cfg, put) -> float:
   """Token-weighted mean loss over the first `eval_batches` batches of the held-out rows."""
-  if rows is None:
-    return None
   total = count = 0.0
   batches = make_batches(rows, cfg.batch_size, 0, shuffle=False, num_epochs=1)
   for i, batch in enumerate(batches):
     if i >= cfg.eval_batches:
       break
     n = float(batch["loss_mask"].sum())
-    total += float(fn(*args, _to_global(batch, sharding))) * n
+    total += float(fn(*args, put(batch))) * n
     count += n
   return total / max(count, 1.0)
 
@@ -189,6 +194,20 @@ def run(cfg, workdir: str) -> dict:
       step_fn = lambda s, b: adapter_step(s, base, b)
       model_params = lambda s: apply_lora(base, s.params, lcfg)
       eval_fn, eval_args = make_eval_loss(model, lcfg), lambda s: (base, s.params)
+    put = lambda batch: _to_global(batch, batch_sharding)
+    pairs_before = None
+    if data.eval_rows is None:
+      evaluate = None
+    elif cfg.method == "dpo":
+      pairs_fn = make_dpo_eval(model, lcfg, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
+                               grad_accum=cfg.grad_accum)
+      eval_pairs = lambda adapters: dpo_eval.evaluate_pairs(pairs_fn, base, adapters, data.eval_rows,
+                                                            cfg.batch_size, tokenizer.pad_id, put)
+      evaluate = lambda s: dpo_eval.eval_record(eval_pairs(s.params))
+      if not stopping:  # the model at step 0 (adapter off): the reference itself, so loss log 2 and margin 0
+        pairs_before = eval_pairs(dpo_eval.zero_adapters(state.params))
+    else:
+      evaluate = lambda s: {"eval_loss": _eval_loss(eval_fn, eval_args(s), data.eval_rows, cfg, put)}
 
     train_iter = iter(make_batches(data.train_rows, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed))
     if data_state is not None:
@@ -200,24 +219,29 @@ def run(cfg, workdir: str) -> dict:
     writer = metrics_lib.MetricsWriter(workdir, cfg.steps, start, progress=cfg.progress)
     guard = checkpoint_lib.install_preemption_handler()
     try:
-      state, stopped, loss, eval_loss, tokens_per_sec = _train(
-          cfg, state, start, step_fn, train_iter, data, ckpt, writer, guard, eval_fn, eval_args, batch_sharding,
-          flops_per_token / total_peak)
+      state, stopped, loss, evaluated, tokens_per_sec = _train(
+          cfg, state, start, step_fn, train_iter, ckpt, writer, guard, evaluate, put, flops_per_token / total_peak)
     finally:
       guard.uninstall()  # run() may be called again in this process (tests, notebooks)
       ckpt.close()
       writer.close()
     if stopped:
       return {"stopped": True, "step": int(state.step)}
+    if evaluate is not None and evaluated is None:  # a rerun of a finished job still reports where it ended
+      evaluated = evaluate(state)
     after = choice_accuracy(model_params(state), model, tokenizer, data.heldout) if scored else None
     outputs = _write_outputs(cfg, workdir, model, tokenizer, state, base, lcfg)
-  summary = {"method": cfg.method, "step": int(state.step), "loss": loss, "eval_loss": eval_loss,
+  summary = {"method": cfg.method, "step": int(state.step), "loss": loss,
+             "eval_loss": evaluated["eval_loss"] if evaluated else None,
              "tokens_per_sec": tokens_per_sec, "skipped": int(state.skipped),
              "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
              "data": data.summary.as_dict(), "outputs": outputs,
              "heldout_accuracy_before": before and before["accuracy"],
              "heldout_accuracy_after": after and after["accuracy"],
              "heldout": {"before": before, "after": after}}
+  if cfg.method == "dpo" and evaluated is not None:  # eval_pairs, eval_loss, ... without the prefix
+    summary["heldout_pairs"] = {"before": pairs_before,
+                                "after": {k[len("eval_"):]: v for k, v in evaluated.items()}}
   summary["loss_curve"] = metrics_lib.plot_loss_curve(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -225,14 +249,14 @@ def run(cfg, workdir: str) -> dict:
   return summary
 
 
-def _train(cfg, state, start, step_fn, train_iter, data, ckpt, writer, guard, eval_fn, eval_args, batch_sharding,
-           mfu_per_token_per_sec):
-  """Steps from `start` to cfg.steps (or a stop); returns (state, stopped, last loss, eval loss, tokens/s)."""
+def _train(cfg, state, start, step_fn, train_iter, ckpt, writer, guard, evaluate, put, mfu_per_token_per_sec):
+  """Steps from `start` to cfg.steps (or a stop); returns (state, stopped, last loss, last evaluate(state) record
+  or None, tokens/s). `evaluate` (None: no held-out data) only reads the state, so training is the same without."""
   rows_tokens = cfg.batch_size * cfg.seq_len
   nonfinite_run, last_time, last_step = 0, time.perf_counter(), start
-  tokens_per_sec = loss = eval_loss = None
+  tokens_per_sec = loss = evaluated = None
   for step in range(start, cfg.steps):
-    state, metrics = step_fn(state, _to_global(next(train_iter), batch_sharding))
+    state, metrics = step_fn(state, put(next(train_iter)))
     done = step + 1
     nonfinite_run = 0 if bool(metrics["finite"]) else nonfinite_run + 1
     if nonfinite_run >= cfg.halt_after_nonfinite:
@@ -248,9 +272,9 @@ def _train(cfg, state, start, step_fn, train_iter, data, ckpt, writer, guard, ev
                     skipped=int(state.skipped))
       loss = record["loss"]
       writer.progress(done, loss, tokens_per_sec)
-    if data.eval_rows is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-      eval_loss = _eval_loss(eval_fn, eval_args(state), data.eval_rows, cfg, batch_sharding)
-      record = dict(record or {}, eval_loss=eval_loss)
+    if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+      evaluated = evaluate(state)
+      record = dict(record or {}, **evaluated)
       last_time = time.perf_counter()  # evaluation time is not training throughput
     if record is not None:
       writer.write(done, record)
@@ -263,8 +287,8 @@ def _train(cfg, state, start, step_fn, train_iter, data, ckpt, writer, guard, ev
       ckpt.wait()
       logging.warning("stopped after step %d (%s); rerun the same command to resume", done,
                       "preempted" if preempted else "config.stop_after")
-      return state, True, loss, eval_loss, tokens_per_sec
-  return state, False, loss, eval_loss, tokens_per_sec
+      return state, True, loss, evaluated, tokens_per_sec
+  return state, False, loss, evaluated, tokens_per_sec
 
 
 def _write_outputs(cfg, workdir, model, tokenizer, state, base, lcfg) -> dict:

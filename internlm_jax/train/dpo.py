@@ -12,7 +12,8 @@ rows of a short final batch) counts for nothing.
   loss      = mean_p [ -(1 - eps) log sigmoid(z_p) - eps log sigmoid(-z_p) ]   (eps = label_smoothing, cDPO)
   rewards   = beta * (pi - ref) for chosen and rejected; margin = chosen - rejected; accuracy = mean(margin > 0)
 
-At init (b = 0) the policy equals the reference, so z = 0 and the loss is log 2.
+At init (b = 0) the policy equals the reference, so z = 0 and the loss is log 2. `make_dpo_eval` computes the same
+sums without a gradient for held-out pairs (finetune.dpo_eval), so training and evaluation share one loss.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from internlm_jax.config import ModelConfig
 from internlm_jax.lora import LoraConfig, apply_lora, warn_if_dropout
 from internlm_jax.model import forward
 from internlm_jax.quant_nf4 import gather_embedding
-from internlm_jax.sharding import DEFAULT_RULES, ShardingRules
+from internlm_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 from internlm_jax.train.finetune_step import accumulate, apply_update
 from internlm_jax.train.state import TrainState
 from internlm_jax.train.step import BATCH_KEYS
@@ -113,6 +114,36 @@ def make_dpo_step(config: ModelConfig, lcfg: LoraConfig, tx: optax.GradientTrans
 
   return jax.jit(step, in_shardings=(state_sharding, base_sharding, batch_sharding),
                  out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def make_dpo_eval(config: ModelConfig, lcfg: LoraConfig, *, beta: float = 0.1, label_smoothing: float = 0.0,
+                  grad_accum: int = 1, rules: ShardingRules | None = DEFAULT_RULES):
+  """jit(fn)(base, adapters, batch) -> (loss sum, pairs, {metric: sum}) over the batch's valid pairs.
+
+  The training step's per-pair loss and metric sums (`dpo_sums`, no LoRA dropout) without a gradient; sums, not
+  means, so a caller adds batches and divides once. `grad_accum` micro-batches (split as in training) keep the
+  activations and [2P/M, T, V] logits to a training micro-batch's size.
+  """
+  def fn(base, adapters, batch):
+    sums_fn = dpo_sums(config, lcfg, base, beta, label_smoothing, rules)
+
+    def sums(rows):
+      loss_sum, (pairs, metric_sums) = sums_fn(adapters, rows)
+      return loss_sum, pairs, metric_sums
+
+    if grad_accum == 1:
+      return sums(batch)
+
+    def split(x):
+      x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+      return constrain(x, (None, "batch", "seq")[:x.ndim], rules)
+
+    micro = jax.tree.map(split, batch)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(sums, jax.tree.map(lambda x: x[0], micro)))
+    out, _ = jax.lax.scan(lambda carry, mb: (jax.tree.map(jnp.add, carry, sums(mb)), None), zeros, micro)
+    return out
+  return jax.jit(fn)
 
 
 def make_reference_logps(config: ModelConfig, rules: ShardingRules | None = DEFAULT_RULES):
