@@ -89,6 +89,7 @@ def test_engine_decode_equals_the_pure_jax_attention(native, monkeypatch, kv_int
   np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~40 s of compiles; int8 KV alone stays in the fast suite above
 def test_engine_int8_weights_and_kv_together(native, monkeypatch):
   config, params = tiny_model()
   q8 = quantize_params(params, "int8")

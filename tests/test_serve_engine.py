@@ -325,7 +325,8 @@ def test_row_blocks_only_on_cpu(model, monkeypatch):
   assert isinstance(paged_model.serving_params(qparams, config)["layers"][0]["w2"], quant.QArray)
 
 
-@pytest.mark.parametrize("mode,max_err", [("int8", 0.015), ("int4", 0.2)])  # measured 0.007, 0.11
+# int4 (the heavier compile) runs with the slow suite; int8 here keeps quantized serving in the fast one.
+@pytest.mark.parametrize("mode,max_err", [("int8", 0.015), pytest.param("int4", 0.2, marks=pytest.mark.slow)])  # measured 0.007, 0.11
 def test_quantized_weights_serve_and_stay_close(model, mode, max_err, monkeypatch):
   config, params = model
   monkeypatch.setattr(paged_model, "_BLOCK_ELEMENTS", 512)  # blocks of a few rows even in a tiny model

@@ -92,6 +92,7 @@ def test_training_writes_metrics_plot_and_report(uninterrupted):
   assert "validation loss" in stdout and "unigram baseline" in stdout and "sample:" in stdout
 
 
+@pytest.mark.slow  # two training subprocesses, ~40 s: with the SIGTERM resume test in the slow suite
 def test_kill_minus_nine_then_rerun_is_bit_identical(corpus, uninterrupted, tmp_path):
   full_dir, _ = uninterrupted
   workdir = tmp_path / "killed"

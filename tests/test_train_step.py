@@ -71,7 +71,7 @@ def test_loss_decreases_and_norms_are_not_decayed(single_device_run):
   assert mask["layers"]["wqkv"] and not mask["layers"]["attention_norm"] and not mask["norm"]
 
 
-@pytest.mark.parametrize("grad_accum", [2, 4])
+@pytest.mark.parametrize("grad_accum", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_grad_accumulation_equals_one_big_batch(single_device_run, grad_accum):
   ref_state, ref_losses = single_device_run
   state, losses = _run(3, grad_accum=grad_accum)
