@@ -100,6 +100,7 @@ def test_dropout_masks_only_the_adapter_input_and_is_seeded(base):
   np.testing.assert_allclose(layer_weight.project("btf,fe->bte", h, jnp.float32), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~30 s of compiles; the dropout mask itself is tested above in the fast suite
 def test_sft_step_applies_dropout_reproducibly(base):
   lcfg = L.LoraConfig(rank=4, alpha=8.0, dropout=0.3)
   tx = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=20))

@@ -119,7 +119,7 @@ def test_chat_completion_and_stream(setup):
     ({"model": MODEL, "prompt": "hi", "max_tokens": 10 ** 9}, 400, "context length"),
     ({"model": MODEL, "prompt": list(range(3, 170))}, 400, "context length"),
     ({"model": MODEL, "prompt": "hi", "bogus_field": 1}, 400, "bogus_field"),
-    ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n=1"),
+    ({"model": MODEL, "prompt": "hi", "n": 17}, 400, "n must be at most 16"),
     ({"model": MODEL, "prompt": [5000]}, 400, "token ids"),
     ({"model": MODEL, "prompt": ""}, 400, "empty"),
     ({"model": MODEL}, 400, "prompt"),

@@ -120,6 +120,27 @@ def test_chat_streaming_and_seed(live):
   assert client.chat.completions.create(**seeded).choices[0].message.content == first.choices[0].message.content
 
 
+def test_n_choices(live):
+  client, sched = live
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the weather?"}]
+  common = dict(model=MODEL, messages=messages, n=2, max_tokens=4, temperature=1.0, seed=5,
+                extra_body={"ignore_eos": True})
+  done = client.chat.completions.create(**common)
+  assert [c.index for c in done.choices] == [0, 1] and done.usage.completion_tokens == 8
+  texts = [c.message.content for c in done.choices]
+  assert texts[0] != texts[1]  # each choice samples with a seed of its own
+  got = ["", ""]
+  for chunk in client.chat.completions.create(stream=True, **common):
+    for choice in chunk.choices:
+      got[choice.index] += choice.delta.content or ""
+  assert got == texts
+  batch = client.completions.create(model=MODEL, prompt=["The quick", "Numbers 0 1"], n=2, max_tokens=2,
+                                    temperature=0, echo=True)
+  assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+  assert [c.text.split(" ")[0] for c in batch.choices] == ["The", "The", "Numbers", "Numbers"]
+  sched.wait_idle(timeout=30)
+  assert sched.engine.allocator.num_available == sched.engine.allocator.usable_pages
+
 def test_forced_tool_choice_on_the_real_model_never_fails(live):
   client, sched = live
   messages = [{"role": "user", "content": "Weather in Paris?"}]
@@ -175,7 +196,7 @@ def test_errors_map_to_client_exceptions(live, tok):
     client.completions.create(model=MODEL, prompt="hi", extra_body={"bogus_field": 1})
   assert "bogus_field" in e.value.message
   with pytest.raises(openai.BadRequestError) as e:
-    client.completions.create(model=MODEL, prompt="hi", frequency_penalty=0.5)
+    client.completions.create(model=MODEL, prompt="hi", frequency_penalty=2.5)  # OpenAI's range is [-2, 2]
   assert e.value.param == "frequency_penalty"
   busy = ScriptedScheduler(tok, busy=True)
   with loopback_server(create_app(busy, tok, MODEL)) as base:

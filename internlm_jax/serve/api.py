@@ -2,7 +2,8 @@
 
 GET /health, GET /v1/models[/{id}], POST /v1/completions (echo + logprobs score prompt tokens the way lm-eval's
 local-completions does), POST /v1/chat/completions (InternLM2 chat template; tools through the plugin protocol,
-returned as tool_calls; stream as server-sent events).
+returned as tool_calls; stream as server-sent events). n > 1 choices (and completions' best_of) are one
+scheduler request each, submitted, seeded and cancelled together (fanout.py).
 
 Every error is OpenAI JSON. Bad input is a 4xx: malformed or non-UTF-8 JSON and out-of-range parameters 400,
 unknown model 404, prompt + max_tokens past the context 400, a full queue 429. A client that disconnects (or a
@@ -10,11 +11,10 @@ stream that is closed) cancels its request, which frees its slot and pages.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,67 +22,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from internlm_jax.serve import protocol as P
-from internlm_jax.serve.kv_cache import RequestTooLargeError
-from internlm_jax.serve.scheduler import Delta, Finished, Scheduler, ServerBusyError, TokenInfo
+from internlm_jax.serve.fanout import Batch, best, check_fits, guard, sse, usage
+from internlm_jax.serve.scheduler import Delta, Finished, Scheduler, TokenInfo
 from internlm_jax.tokenizer import ACTION_END, ACTION_START, PLUGIN, TokenizerError, parse_assistant
 
 log = logging.getLogger(__name__)
-POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
-
-
-class _Batch:
-  """Requests submitted together (one per prompt); their events arrive tagged with the prompt's index."""
-
-  def __init__(self, scheduler: Scheduler):
-    self.scheduler = scheduler
-    self.queue: asyncio.Queue = asyncio.Queue()
-    self.handles = []
-    self.open = set()
-
-  def submit(self, prompts: list[list[int]], params, param: str = "messages") -> None:
-    loop = asyncio.get_running_loop()
-    try:
-      for i, prompt in enumerate(prompts):
-        sink = lambda event, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
-        self.handles.append(self.scheduler.submit(prompt, params, sink=sink))
-        self.open.add(i)
-    except ServerBusyError as e:
-      self.cancel()
-      raise P.APIError(429, str(e), type="server_busy", code="server_busy") from None
-    except RequestTooLargeError as e:
-      self.cancel()
-      code = "context_length_exceeded" if "context" in str(e) else None
-      raise P.APIError(400, str(e), param=param if code else None, code=code) from None
-    except ValueError as e:  # sampling parameters
-      self.cancel()
-      raise P.APIError(400, str(e)) from None
-
-  async def events(self, http: Request | None = None) -> AsyncIterator[tuple[int, Any]]:
-    """Yields (index, event) until every request has finished; cancels whatever is left if interrupted."""
-    try:
-      while self.open:
-        try:
-          i, event = await asyncio.wait_for(self.queue.get(), POLL_S)
-        except asyncio.TimeoutError:
-          if http is not None and await http.is_disconnected():
-            return
-          continue
-        if isinstance(event, Finished):
-          self.open.discard(i)
-          if event.reason == "error":
-            raise P.APIError(500, f"generation failed: {event.error}", type="internal_error")
-        yield i, event
-    finally:
-      self.cancel()
-
-  def cancel(self) -> None:
-    for i, handle in enumerate(self.handles):
-      if i in self.open:
-        handle.cancel()
-
-
-def _sse(payload: dict[str, Any]) -> str:
-  return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
@@ -174,17 +118,19 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
       raise P.APIError(400, str(e), param="prompt") from None
     if any(not p for p in prompts):
       raise P.APIError(400, "prompt must not be empty", param="prompt")
-    max_queue = getattr(scheduler, "max_queue", None)
-    if max_queue is not None and len(prompts) > max_queue:  # a 429 here would never clear on retry
-      raise P.APIError(400, f"prompt holds {len(prompts)} prompts; this server queues at most {max_queue} "
-                       "(--max_queue): send smaller batches", param="prompt")
+    n = req.n
+    m = req.best_of or n  # generated per prompt (check_supported: best_of >= n, and no stream when best_of > n)
+    check_fits(scheduler, len(prompts), m, "best_of" if m > n else "n")
     longest = max(len(p) for p in prompts)
     scoring = req.echo and req.logprobs is not None
-    params = req.sampling(max_tokens_for(req, longest, 16), req.logprobs, req.logprobs if scoring else None)
-    batch = _Batch(scheduler)
-    batch.submit(prompts, params, param="prompt")
+    # best_of ranks candidates by their tokens' logprobs, which the sampler reports only when asked for.
+    logprobs = req.logprobs if req.logprobs is not None or m == n else 0
+    params = req.sampling(max_tokens_for(req, longest, 16), logprobs, req.logprobs if scoring else None)
+    batch = Batch(scheduler)
+    batch.submit(prompts, params, m, param="prompt")
     rid = P.new_id("cmpl")
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
+    lens = [len(p) for p in prompts]
 
     def prompt_text(i):
       return raw[i] if isinstance(raw[i], str) else tokenizer.decode([t for t in prompts[i] if
@@ -194,58 +140,56 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
       infos = [TokenInfo(prompts[i][0])] + (finished.prompt_logprobs or [])
       return P.completion_logprobs(infos, token_text, first_has_none=True)
 
-    if req.stream:
+    if req.stream:  # m == n: choice k is sub-request k
       include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
       async def stream():
-        finished = []
+        done: dict[int, Finished] = {}
         if req.echo:  # the prompt first; its logprobs (known once prefilled) come with the finishing chunk
-          for i in range(len(prompts)):
-            yield _sse({**head, "choices": [{"index": i, "text": prompt_text(i), "logprobs": None,
-                                             "finish_reason": None}]})
-        async for i, event in batch.events():
-          choice = {"index": i, "text": "", "logprobs": None, "finish_reason": None}
+          for k in range(len(prompts) * n):
+            yield sse({**head, "choices": [{"index": k, "text": prompt_text(k // n), "logprobs": None,
+                                            "finish_reason": None}]})
+        async for k, event in batch.events():
+          choice = {"index": k, "text": "", "logprobs": None, "finish_reason": None}
           if isinstance(event, Delta):
             choice["text"] = event.text
             if req.logprobs is not None:
               choice["logprobs"] = P.completion_logprobs(event.tokens, token_text)
           else:
             if scoring:
-              choice["logprobs"] = prompt_logprobs(i, event)
+              choice["logprobs"] = prompt_logprobs(k // n, event)
             choice["finish_reason"] = event.reason
-            finished.append(event)
-          yield _sse({**head, "choices": [choice]})
+            done[k] = event
+          yield sse({**head, "choices": [choice]})
         if include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
-          use = P.usage(sum(map(len, prompts)), sum(len(f.token_ids) for f in finished),
-                        sum(f.cached_tokens for f in finished))
-          yield _sse({**head, "choices": [], "usage": use})
+          yield sse({**head, "choices": [], "usage": usage(lens, done, n)})
         yield "data: [DONE]\n\n"
-      return StreamingResponse(_guard(stream()), media_type="text/event-stream")
+      return StreamingResponse(guard(stream()), media_type="text/event-stream")
 
-    tokens = [[] for _ in prompts]
+    tokens = [[] for _ in range(len(prompts) * m)]
     done: dict[int, Finished] = {}
-    async for i, event in batch.events(http):
+    async for k, event in batch.events(http):
       if isinstance(event, Delta):
-        tokens[i].extend(event.tokens)
+        tokens[k].extend(event.tokens)
       else:
-        done[i] = event
-    if len(done) < len(prompts):
+        done[k] = event
+    if len(done) < len(tokens):
       return JSONResponse(P.error_body("client disconnected"), status_code=499)
-    choices, total_out = [], 0
+    choices = []
     for i in range(len(prompts)):
-      fin = done[i]
-      text, lp = fin.text, None
-      if req.logprobs is not None:
-        lp = P.completion_logprobs(tokens[i], token_text, offset=len(prompt_text(i)) if req.echo else 0)
-      if req.echo:
-        text = prompt_text(i) + text
-        if scoring:
-          first = prompt_logprobs(i, fin)
-          lp = {k: first[k] + lp[k] for k in first}
-      choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": fin.reason})
-      total_out += len(fin.token_ids)
-    cached = sum(d.cached_tokens for d in done.values())
-    return {**head, "choices": choices, "usage": P.usage(sum(map(len, prompts)), total_out, cached)}
+      candidates = range(i * m, (i + 1) * m)
+      for j, k in enumerate(best(candidates, tokens, n) if m > n else candidates):
+        fin = done[k]
+        text, lp = fin.text, None
+        if req.logprobs is not None:
+          lp = P.completion_logprobs(tokens[k], token_text, offset=len(prompt_text(i)) if req.echo else 0)
+        if req.echo:
+          text = prompt_text(i) + text
+          if scoring:
+            first = prompt_logprobs(i, fin)
+            lp = {key: first[key] + lp[key] for key in first}
+        choices.append({"index": i * n + j, "text": text, "logprobs": lp, "finish_reason": fin.reason})
+    return {**head, "choices": choices, "usage": usage(lens, done, m)}
 
   @app.post("/v1/chat/completions")
   async def chat(req: P.ChatRequest, http: Request):
@@ -253,6 +197,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
     req.check_supported()
     for name in ("messages", "tools", "stop"):
       _check_unicode(getattr(req, name), name)
+    n = req.n
+    check_fits(scheduler, 1, n)
     tools = req.tools if req.tool_choice != "none" else None
     forced = ""
     if isinstance(req.tool_choice, P.NamedToolChoice):
@@ -273,8 +219,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
     extra_stop = (tokenizer.special_id(ACTION_END),) if tools else ()
     params = req.sampling(max_tokens_for(req, len(prompt), None), n_top, extra_stop_ids=extra_stop,
                           skip_special_tokens=False if tools else None)
-    batch = _Batch(scheduler)
-    batch.submit([prompt], params)
+    batch = Batch(scheduler)
+    batch.submit([prompt], params, n)
     rid = P.new_id("chatcmpl")
     head = {"id": rid, "created": int(time.time()), "model": model_name}
 
@@ -291,57 +237,59 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
 
       async def stream():
         chunk = {**head, "object": "chat.completion.chunk"}
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        yield _sse({**chunk, "choices": [first]})
-        shown, text = 0, ""
-        async for _, event in batch.events():
+        for k in range(n):  # every choice opens with the role, as OpenAI's streams do
+          first = {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+          yield sse({**chunk, "choices": [first]})
+        shown, text, done = [0] * n, [""] * n, {}
+        async for k, event in batch.events():
           if isinstance(event, Delta):
-            text += event.text
+            text[k] += event.text
             # With tools, content stops at the first action: the call itself comes back as tool_calls.
             if not tools:
-              visible = text
+              visible = text[k]
             elif forced:
               visible = ""
             else:
-              visible = text.split(ACTION_START, 1)[0]
-            delta = {"content": visible[shown:]} if len(visible) > shown else {}
-            shown = max(shown, len(visible))
+              visible = text[k].split(ACTION_START, 1)[0]
+            delta = {"content": visible[shown[k]:]} if len(visible) > shown[k] else {}
+            shown[k] = max(shown[k], len(visible))
             lp = P.chat_logprobs(event.tokens, token_text) if n_top is not None else None
             if delta or lp:
-              yield _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": None}]})
+              yield sse({**chunk, "choices": [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": None}]})
             continue
+          done[k] = event
           content, calls = parse(event.text)
           delta = {}
           if calls:
             delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
-          rest = (content or "")[shown:] if not forced else (content or "")
+          rest = (content or "")[shown[k]:] if not forced else (content or "")
           if rest and tools:
             delta["content"] = rest
           reason = "tool_calls" if calls else event.reason
-          yield _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]})
-          if include_usage:
-            use = P.usage(event.prompt_tokens, len(event.token_ids), event.cached_tokens)
-            yield _sse({**chunk, "choices": [], "usage": use})
+          yield sse({**chunk, "choices": [{"index": k, "delta": delta, "logprobs": None, "finish_reason": reason}]})
+        if include_usage:
+          yield sse({**chunk, "choices": [], "usage": usage([len(prompt)], done, n)})
         yield "data: [DONE]\n\n"
-      return StreamingResponse(_guard(stream()), media_type="text/event-stream")
+      return StreamingResponse(guard(stream()), media_type="text/event-stream")
 
-    tokens: list[TokenInfo] = []
-    fin = None
-    async for _, event in batch.events(http):
+    tokens: list[list[TokenInfo]] = [[] for _ in range(n)]
+    done: dict[int, Finished] = {}
+    async for k, event in batch.events(http):
       if isinstance(event, Delta):
-        tokens.extend(event.tokens)
+        tokens[k].extend(event.tokens)
       else:
-        fin = event
-    if fin is None:
+        done[k] = event
+    if len(done) < n:
       return JSONResponse(P.error_body("client disconnected"), status_code=499)
-    content, calls = parse(fin.text)
-    message = {"role": "assistant", "content": content}
-    if calls:
-      message["tool_calls"] = calls
-    choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if calls else fin.reason,
-              "logprobs": P.chat_logprobs(tokens, token_text) if n_top is not None else None}
-    return {**head, "object": "chat.completion", "choices": [choice],
-            "usage": P.usage(fin.prompt_tokens, len(fin.token_ids), fin.cached_tokens)}
+    choices = []
+    for k in range(n):
+      content, calls = parse(done[k].text)
+      message = {"role": "assistant", "content": content}
+      if calls:
+        message["tool_calls"] = calls
+      choices.append({"index": k, "message": message, "finish_reason": "tool_calls" if calls else done[k].reason,
+                      "logprobs": P.chat_logprobs(tokens[k], token_text) if n_top is not None else None})
+    return {**head, "object": "chat.completion", "choices": choices, "usage": usage([len(prompt)], done, n)}
 
   return app
 
@@ -374,12 +322,3 @@ def _check_unicode(value: Any, param: str) -> None:
     for v in value:
       _check_unicode(v, param)
 
-
-async def _guard(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-  """A failure after the stream started can no longer change the status: report it as a last SSE event."""
-  try:
-    async for chunk in chunks:
-      yield chunk
-  except P.APIError as e:
-    yield _sse(e.body())
-    yield "data: [DONE]\n\n"

@@ -3,7 +3,8 @@ free(state, slot). The paged cache lives on device; the page allocator and page 
 
 Shapes: B slots, b decoded rows (a bucket), V vocab, n steps per generate call, N top logprobs, pps pages per
 sequence.
-  DecodeState.slots: per-slot rows [B] (and logits [B, V], seen [B, V], stop_ids [B, MAX_STOP_IDS])
+  DecodeState.slots: per-slot rows [B] (and logits, seen, counts [B, V], stop_ids [B, MAX_STOP_IDS], bias_ids and
+  bias_values [B, MAX_LOGIT_BIAS])
   StepResult: tokens, valid, logprob [n, B]; top_ids, top_logprobs [n, B, N]
 
 A generate call runs up to n decode steps in one device loop: each step samples every active slot's next token from the
@@ -24,6 +25,7 @@ what runs beside it. The buckets add at most log2(B) + 1 compiled shapes per pag
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Sequence
 
@@ -34,91 +36,11 @@ import numpy as np
 
 from internlm_jax.config import ModelConfig
 from internlm_jax.serve import paged_model, sampling
-from internlm_jax.serve.kv_cache import (CacheFullError, PagedKVCache, PageAllocator, RequestTooLargeError,
+from internlm_jax.serve.kv_cache import (CacheFullError, PageAllocator, RequestTooLargeError,
                                          init_paged_cache, page_hashes, pages_for_budget)
+from internlm_jax.serve.engine_state import (DecodeState, EngineConfig, Prefix, SlotState, StepResult, _next_pow2,
+                                             _slot_update, prefill_bucket)
 from internlm_jax.sharding import DEFAULT_RULES, ShardingRules
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-  max_slots: int = 8  # B: sequences decoded together
-  max_seq_len: int | None = None  # prompt + output per sequence; default the model's max_position_embeddings
-  page_size: int = 16
-  num_pages: int | None = None  # pool size (scratch page included); default from kv_budget_bytes or full capacity
-  kv_budget_bytes: int | None = None
-  kv_dtype: str | None = None  # None: the model dtype; "int8": per-token quantized pages
-  prefill_chunk: int = 512  # longest prefill piece (a power of two)
-  steps_per_call: int = 8  # decode steps per host round trip
-  min_decode_bucket: int = 8  # fewest rows a decode call runs (see the module docstring); max_slots: no buckets
-  prefix_caching: bool = True
-  attention_kernel: bool | None = None  # Pallas paged attention; default on GPU/TPU (CPU: native/decode_attention)
-  sample_vocab: int | None = None  # sample only ids below this (a tokenizer smaller than the padded model vocab)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SlotState:
-  logits: jax.Array  # [B, V] float32: the distribution of each slot's next token
-  lengths: jax.Array  # [B] tokens in the cache
-  active: jax.Array  # [B] bool
-  remaining: jax.Array  # [B] tokens the slot may still produce
-  step: jax.Array  # [B] tokens produced so far (the sampling key index)
-  seed: jax.Array  # [B] uint32
-  temperature: jax.Array
-  top_k: jax.Array
-  top_p: jax.Array
-  min_p: jax.Array
-  repetition_penalty: jax.Array
-  want_top: jax.Array  # [B] bool: compute top-N logprobs
-  seen: jax.Array  # [B, V] bool: tokens the repetition penalty applies to
-  stop_ids: jax.Array  # [B, MAX_STOP_IDS] int32, -1 padded
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-  cache: PagedKVCache
-  slots: SlotState
-  page_table: jax.Array  # [B, pps] int32, a device copy of the allocator's table
-
-
-@dataclasses.dataclass
-class Prefix:
-  """A prefilled prompt: its pages (held, one reference each) and the logits of its next token."""
-  tokens: list[int]
-  pages: list[int]
-  logits: jax.Array  # [V]
-  cached_tokens: int  # prompt tokens served from the prefix cache
-  prompt_logprobs: list | None = None  # per prompt token after the first: (logprob, top ids, top logprobs)
-
-
-@dataclasses.dataclass
-class StepResult:
-  tokens: np.ndarray  # [n, B]
-  valid: np.ndarray  # [n, B] bool: a real token of an active slot
-  logprob: np.ndarray  # [n, B]
-  top_ids: np.ndarray  # [n, B, N]
-  top_logprobs: np.ndarray  # [n, B, N]
-  rows: np.ndarray | None = None  # [b] the slots this call decoded (its bucket)
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
-
-
-def prefill_bucket(n: int, limit: int) -> int:
-  """Compiled prefill length for a piece of `n` tokens: the smallest of 16, 32, 48, 64, 96, 128, 192, ...
-  (powers of two and 1.5x them) that holds it, at most `limit` (a power of two). Padding costs as much as real
-  tokens (prefill is compute-bound on CPU), so these buckets waste at most 1/3 of a chunk, where powers of two
-  alone waste up to 1/2 (a 69-token prompt ran as 128)."""
-  p = _next_pow2(max(int(n), 16))
-  if p >= 64 and n <= 3 * p // 4:
-    p = 3 * p // 4
-  return min(p, limit)
-
-
-def _slot_update(slots: SlotState, slot, row: dict) -> SlotState:
-  return dataclasses.replace(slots, **{k: getattr(slots, k).at[slot].set(v) for k, v in row.items()})
 
 
 class Engine:
@@ -156,7 +78,7 @@ class Engine:
 
   # ---- jitted bodies ----------------------------------------------------------------------------------------
   def _ctx(self):
-    return jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   def _prefill_fn(self, params, cache, tokens, targets, start, n_valid, table, *, top_n):
     if top_n is None:  # only the last token's logits: the output head runs on that position alone
@@ -182,7 +104,8 @@ class Engine:
       if self.ec.sample_vocab is not None and self.ec.sample_vocab < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < self.ec.sample_vocab, logits, -jnp.inf)
       token = sampling.sample(logits, keys, s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty,
-                              s.seen)
+                              s.seen, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                              counts=s.counts, bias_ids=s.bias_ids, bias_values=s.bias_values)
       valid = s.active & (s.remaining > 0)
       token = jnp.where(valid, token, 0)
       logprob, top_ids, top_lp = sampling.chosen_logprobs(s.logits, token, s.want_top & valid,
@@ -196,7 +119,7 @@ class Engine:
       s = dataclasses.replace(
           s, logits=jnp.where(valid[:, None], logits, s.logits), lengths=s.lengths + inc,
           remaining=s.remaining - inc, step=s.step + inc, active=valid & ~stopped & (s.remaining > 1),
-          seen=s.seen.at[r, token].set(s.seen[r, token] | valid))
+          seen=s.seen.at[r, token].set(s.seen[r, token] | valid), counts=sampling.count_tokens(s.counts, token, valid))
       return (cache, s), (token, valid, logprob, top_ids, top_lp)
 
     # A while loop rather than a scan so that it can stop early; its output buffers are filled a step at a time.
@@ -231,6 +154,9 @@ class Engine:
         remaining=zeros(jnp.int32), step=zeros(jnp.int32), seed=zeros(jnp.uint32), temperature=zeros(jnp.float32),
         top_k=zeros(jnp.int32), top_p=jnp.ones((B,), jnp.float32), min_p=zeros(jnp.float32),
         repetition_penalty=jnp.ones((B,), jnp.float32), want_top=zeros(bool), seen=jnp.zeros((B, V), bool),
+        presence_penalty=zeros(jnp.float32), frequency_penalty=zeros(jnp.float32),
+        counts=jnp.zeros((B, V), jnp.int16), bias_ids=jnp.full((B, sampling.MAX_LOGIT_BIAS), -1, jnp.int32),
+        bias_values=jnp.zeros((B, sampling.MAX_LOGIT_BIAS), jnp.float32),
         stop_ids=jnp.full((B, sampling.MAX_STOP_IDS), -1, jnp.int32))
     self._uploaded_version = self.allocator.version
     self._live[:] = False
@@ -343,7 +269,7 @@ class Engine:
                seed=np.uint32(seed % 2 ** 32), temperature=np.float32(params.temperature), top_k=np.int32(top_k),
                top_p=np.float32(params.top_p), min_p=np.float32(params.min_p),
                repetition_penalty=np.float32(params.repetition_penalty), want_top=np.bool_(bool(params.logprobs)),
-               seen=seen, stop_ids=stop_row)
+               seen=seen, stop_ids=stop_row, **sampling.penalty_rows(params, generated, V))
     prefix.pages = []  # the slot owns them now
     self._live[slot] = bool(row["active"])
     with self._ctx():
@@ -416,14 +342,6 @@ class Engine:
     with self._ctx():
       slots = self._insert(state.slots, jnp.int32(slot), dict(active=np.bool_(False), remaining=np.int32(0)))
     return dataclasses.replace(state, slots=slots)
-
-
-class _nullcontext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 __all__ = ["CacheFullError", "DecodeState", "Engine", "EngineConfig", "Prefix", "RequestTooLargeError",

@@ -1,9 +1,8 @@
 """OpenAI wire format: request models (pydantic), errors, and the builders of logprobs and tool-call fields.
 
 Requests reject unknown fields (a typo must not be silently ignored) and parameters we do not implement
-(n > 1, non-zero presence/frequency penalties, logit_bias, suffix, JSON response formats, non-text content parts)
-with a 400 that names the parameter, rather than answering something the client did not ask for. A null optional
-field means its default, as in OpenAI's API.
+(suffix, JSON response formats, non-text content parts) with a 400 that names the parameter, rather than
+answering something the client did not ask for. A null optional field means its default, as in OpenAI's API.
 """
 from __future__ import annotations
 
@@ -14,8 +13,10 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from internlm_jax.serve.sampling import MAX_LOGPROBS, SamplingParams
+from internlm_jax.serve.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from internlm_jax.serve.scheduler import TokenInfo
+
+MAX_N = 16  # choices per prompt (n, best_of): each is a sequence of its own in the scheduler
 
 
 class APIError(Exception):
@@ -79,13 +80,9 @@ class _Common(_Strict):
   logit_bias: dict[str, float] | None = None
 
   def check_supported(self) -> None:
-    if self.n != 1:
-      raise APIError(400, "only n=1 is supported", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-      if getattr(self, name):
-        raise APIError(400, f"{name} is not supported; use repetition_penalty", param=name)
-    if self.logit_bias:
-      raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if self.n > MAX_N:
+      raise APIError(400, f"n must be at most {MAX_N}, got {self.n}", param="n")
+    _check_logit_bias(self.logit_bias or {})
     if self.stream_options is not None and not self.stream:
       raise APIError(400, "stream_options needs stream=true", param="stream_options")
 
@@ -95,7 +92,9 @@ class _Common(_Strict):
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
         top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, min_p=self.min_p or 0.0,
-        repetition_penalty=self.repetition_penalty or 1.0, stop=stop,
+        repetition_penalty=self.repetition_penalty or 1.0, presence_penalty=self.presence_penalty or 0.0,
+        frequency_penalty=self.frequency_penalty or 0.0,
+        logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()), stop=stop,
         stop_token_ids=tuple(self.stop_token_ids or ()) + extra_stop_ids, ignore_eos=self.ignore_eos,
         seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
@@ -106,10 +105,15 @@ class CompletionRequest(_Common):
   echo: bool = False
   logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
   suffix: str | None = None
-  best_of: int | None = Field(None, ge=1, le=1)
+  best_of: int | None = Field(None, ge=1)
 
   def check_supported(self) -> None:
     super().check_supported()
+    if self.best_of is not None:
+      if not self.n <= self.best_of <= MAX_N:
+        raise APIError(400, f"best_of must be in [n, {MAX_N}] (n={self.n}), got {self.best_of}", param="best_of")
+      if self.stream and self.best_of > self.n:  # the best are known only once all have finished
+        raise APIError(400, "best_of > n cannot be streamed", param="best_of")
     if self.suffix:
       raise APIError(400, "suffix is not supported", param="suffix")
 
@@ -169,6 +173,27 @@ def _check_content_parts(messages: list[dict[str, Any]]) -> None:
                        param="messages")
       if not isinstance(part.get("text"), str):
         raise APIError(400, f"{where} has no 'text' string", param="messages")
+
+
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")  # bounded: int() refuses strings of over 4300 digits
+
+
+def _check_logit_bias(bias: dict[str, float]) -> None:
+  """OpenAI's logit_bias: token id strings -> a bias in [-100, 100], at most MAX_LOGIT_BIAS entries. Whether an id
+  lies in the vocabulary is SamplingParams.validate's check (the engine knows the vocabulary)."""
+  if len(bias) > MAX_LOGIT_BIAS:
+    raise APIError(400, f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", param="logit_bias")
+  ids = set()
+  for key, value in bias.items():
+    if not _TOKEN_ID.fullmatch(key):
+      raise APIError(400, f"logit_bias keys must be token ids (non-negative integers), got {key!r}",
+                     param="logit_bias")
+    if not -100.0 <= value <= 100.0:  # NaN fails too
+      raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for token {key}",
+                     param="logit_bias")
+    if int(key) in ids:  # "7" and "07"
+      raise APIError(400, f"logit_bias names token {int(key)} twice", param="logit_bias")
+    ids.add(int(key))
 
 
 def _check_tools(tools: list[dict[str, Any]]) -> None:

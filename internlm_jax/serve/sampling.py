@@ -4,7 +4,10 @@ stop strings (host).
 Shapes: B slots, V vocab, N top logprobs returned.
 
 Order of logits processing (as vLLM and HF): repetition penalty on every token seen (prompt and output),
-temperature, top-k, top-p, min-p, then a draw with the request's own key. Temperature 0 is greedy. The key of a
+presence and frequency penalties on the tokens this request has generated (OpenAI's definition), logit bias,
+temperature, top-k, top-p, min-p, then a draw with the request's own key. Temperature 0 is greedy, and sees the
+penalties and bias too. The bias comes after the penalties so that OpenAI's -100 / +100 keep meaning "never" /
+"always" (vLLM adds it first, where the multiplicative repetition penalty could shrink it). The key of a
 request's j-th token is fold_in(key(seed), j): it depends on nothing else in the batch, so a seeded request
 gives the same tokens whichever requests run beside it. Reported logprobs are those of the model's own
 distribution (log_softmax of the raw logits), which is what scoring harnesses expect.
@@ -12,31 +15,44 @@ distribution (log_softmax of the raw logits), which is what scoring harnesses ex
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_STOP_IDS = 16  # stop token ids per request (a static width on device)
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+MAX_LOGIT_BIAS = 300  # OpenAI's cap on logit_bias entries (a static width on device)
+MAX_COUNT = 2 ** 15 - 1  # output-token counts are int16 on device and saturate here
 
 
 class SamplingError(ValueError):
-  """A sampling parameter is out of range."""
+  """A sampling parameter is out of range; `param` names it (for an API's error body)."""
+
+  def __init__(self, message: str, param: str | None = None):
+    super().__init__(message)
+    self.param = param
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """What one request asks of generation. `stop_token_ids` None means the tokenizer's defaults (`</s>`,
   `<|im_end|>`); extra ids add to them. `ignore_eos` drops the defaults (benchmarks). `logprobs` N returns
-  the chosen token's logprob and the N most likely (0: only the chosen one; None: none)."""
+  the chosen token's logprob and the N most likely (0: only the chosen one; None: none). `logit_bias` maps
+  token ids to a bias added to their logits (a mapping or (id, bias) pairs; kept as pairs, so that the params
+  stay hashable)."""
   max_tokens: int = 16
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   min_p: float = 0.0
   repetition_penalty: float = 1.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  logit_bias: tuple[tuple[int, float], ...] = ()
   stop: tuple[str, ...] = ()
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
@@ -45,10 +61,16 @@ class SamplingParams:
   prompt_logprobs: int | None = None
   skip_special_tokens: bool = True
 
+  def __post_init__(self):
+    bias = self.logit_bias
+    if bias is None or hasattr(bias, "items"):
+      bias = (bias or {}).items()
+    object.__setattr__(self, "logit_bias", tuple(tuple(p) if isinstance(p, list) else p for p in bias))
+
   def validate(self, vocab_size: int) -> "SamplingParams":
-    def need(ok, message):
+    def need(ok, message, param=None):
       if not ok:
-        raise SamplingError(message)
+        raise SamplingError(message, param)
     need(isinstance(self.max_tokens, int) and self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")
     need(0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}")
     need(self.top_k >= 0 or self.top_k == -1, f"top_k must be >= 0 (0 or -1: off), got {self.top_k}")
@@ -56,6 +78,21 @@ class SamplingParams:
     need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
     need(0.0 < self.repetition_penalty <= 10.0,
          f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      value = getattr(self, name)
+      need(isinstance(value, numbers.Real) and -2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}",
+           name)
+    bias = self.logit_bias
+    need(len(bias) <= MAX_LOGIT_BIAS, f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", "logit_bias")
+    for pair in bias:
+      need(isinstance(pair, tuple) and len(pair) == 2, f"logit_bias entries must be (token id, bias), got {pair!r}",
+           "logit_bias")
+      token, value = pair
+      need(isinstance(token, numbers.Integral) and not isinstance(token, bool) and 0 <= token < vocab_size,
+           f"logit_bias keys must be token ids in [0, {vocab_size}), got {token!r}", "logit_bias")
+      need(isinstance(value, numbers.Real) and -100.0 <= value <= 100.0,
+           f"logit_bias values must be in [-100, 100], got {value!r} for token {token}", "logit_bias")
+    need(len({int(t) for t, _ in bias}) == len(bias), "logit_bias names a token id more than once", "logit_bias")
     need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
     need(len(self.stop) <= 16, f"at most 16 stop strings, got {len(self.stop)}")
     need(all(0 <= int(t) < vocab_size for t in self.stop_token_ids),
@@ -73,6 +110,21 @@ class SamplingParams:
     return ids
 
 
+def penalty_rows(params: SamplingParams, generated: Sequence[int], vocab_size: int) -> dict[str, np.ndarray]:
+  """One slot's device rows for the presence/frequency penalties and logit bias: output-token counts [V] (from
+  `generated`, what a preempted request already produced; zeros for a new one) and the bias as -1 padded ids and
+  values [MAX_LOGIT_BIAS]."""
+  counts = np.zeros((vocab_size,), np.int16)
+  if len(generated) and (params.presence_penalty or params.frequency_penalty):
+    counts[:] = np.minimum(np.bincount(np.asarray(generated, np.int64), minlength=vocab_size), MAX_COUNT)
+  ids = np.full((MAX_LOGIT_BIAS,), -1, np.int32)
+  values = np.zeros((MAX_LOGIT_BIAS,), np.float32)
+  for i, (token, bias) in enumerate(params.logit_bias):
+    ids[i], values[i] = token, bias
+  return dict(presence_penalty=np.float32(params.presence_penalty),
+              frequency_penalty=np.float32(params.frequency_penalty), counts=counts, bias_ids=ids, bias_values=values)
+
+
 # ---- device -----------------------------------------------------------------------------------------------------
 def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
   """Key of each row's next token: fold_in(key(seed), tokens generated so far). seeds uint32 [B], steps [B]."""
@@ -83,6 +135,33 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Ar
   """HF's rule on logits [B, V] for tokens in seen [B, V]: divide positive logits by penalty, multiply negative."""
   p = penalty[:, None]
   return jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+
+
+def apply_presence_frequency(logits: jax.Array, counts: jax.Array, presence: jax.Array,
+                             frequency: jax.Array) -> jax.Array:
+  """OpenAI's (and vLLM's) penalties on logits [B, V]: logits[t] -= presence * (count[t] > 0) + frequency *
+  count[t], with count [B, V] the times t is among the row's generated tokens (not the prompt). HF has no such
+  processor; its repetition penalty is the multiplicative one above. Rows with neither penalty keep their logits
+  bitwise (a batch-mate's penalty must not nudge their rounding)."""
+  c = counts.astype(jnp.float32)
+  penalised = logits - (presence[:, None] * (c > 0) + frequency[:, None] * c)
+  return jnp.where(((presence != 0) | (frequency != 0))[:, None], penalised, logits)
+
+
+def apply_logit_bias(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
+  """Adds values [B, K] to logits [B, V] at token ids [B, K]; id -1 is no entry. A scatter of B x K updates: a
+  dense [B, V] bias would cost a full pass (and its copy per slot) for at most 300 tokens a row."""
+  B, V = logits.shape
+  ids = jnp.where(ids < 0, V, ids)  # past the end: dropped (a negative index would wrap to V - 1)
+  return logits.at[jnp.arange(B)[:, None], ids].add(values, mode="drop")
+
+
+def count_tokens(counts: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+  """counts [B, V] plus one at each row's token [B] where valid [B], saturating at MAX_COUNT (a B-element
+  scatter: no pass over the vocabulary)."""
+  r = jnp.arange(tokens.shape[0])
+  new = jnp.minimum(counts[r, tokens].astype(jnp.int32) + valid, MAX_COUNT)  # int32: no wrap at the cap
+  return counts.at[r, tokens].set(new.astype(counts.dtype))
 
 
 def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -110,14 +189,25 @@ def argmax(x: jax.Array) -> jax.Array:
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-           min_p: jax.Array, repetition_penalty: jax.Array, seen: jax.Array) -> jax.Array:
-  """Next token [B] int32 from logits [B, V] float32 with per-row parameters [B] and keys [B]."""
+           min_p: jax.Array, repetition_penalty: jax.Array, seen: jax.Array, *,
+           presence_penalty: jax.Array | None = None, frequency_penalty: jax.Array | None = None,
+           counts: jax.Array | None = None, bias_ids: jax.Array | None = None,
+           bias_values: jax.Array | None = None) -> jax.Array:
+  """Next token [B] int32 from logits [B, V] float32 with per-row parameters [B] and keys [B]; the presence /
+  frequency penalties need counts [B, V], the bias ids and values [B, K] (see apply_logit_bias)."""
   chex.assert_rank(logits, 2)
   B = logits.shape[0]
   chex.assert_shape([temperature, top_k, top_p, min_p, repetition_penalty], (B,))
-  # A [B, V] pass skipped when no row has a penalty (the usual case).
+  # Each is a [B, V] pass (the bias a scatter) skipped when no row asks for it (the usual case).
   logits = jax.lax.cond(jnp.any(repetition_penalty != 1.0), apply_repetition_penalty, lambda x, s, p: x,
                         logits, seen, repetition_penalty)
+  if counts is not None:
+    chex.assert_shape([presence_penalty, frequency_penalty], (B,))
+    logits = jax.lax.cond(jnp.any((presence_penalty != 0) | (frequency_penalty != 0)), apply_presence_frequency,
+                          lambda x, c, p, f: x, logits, counts, presence_penalty, frequency_penalty)
+  if bias_ids is not None:
+    logits = jax.lax.cond(jnp.any(bias_ids >= 0), apply_logit_bias, lambda x, i, v: x, logits, bias_ids,
+                          bias_values)
   greedy = temperature <= 0.0
   best = argmax(logits)
 
