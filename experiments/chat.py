@@ -31,6 +31,8 @@ _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 8192, "Context for the whole 
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 for greedy (HF InternLM2 chat uses 0.8).")
 _TOP_P = flags.DEFINE_float("top_p", 0.8, "Nucleus sampling.")
 _REPETITION = flags.DEFINE_float("repetition_penalty", 1.0, "1.02 curbs repetition loops.")
+_PRESENCE = flags.DEFINE_float("presence_penalty", 0.0, "OpenAI's: subtracted from every token already in the answer.")
+_FREQUENCY = flags.DEFINE_float("frequency_penalty", 0.0, "OpenAI's: subtracted per earlier use in the answer.")
 _SEED = flags.DEFINE_integer("seed", None, "Fixed sampling seed (reproducible answers).")
 
 
@@ -118,7 +120,13 @@ def main(argv):
   engine = loading.build_engine(config, params, ec, mesh=mesh, tensor=_TENSOR.value)
   scheduler = Scheduler(engine, tokenizer, max_queue=1).start()
   sampling = SamplingParams(max_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                            repetition_penalty=_REPETITION.value, seed=_SEED.value)
+                            repetition_penalty=_REPETITION.value, presence_penalty=_PRESENCE.value,
+                            frequency_penalty=_FREQUENCY.value, seed=_SEED.value)
+  try:  # a bad flag is one line now, not an error on every turn
+    sampling.validate(ec.sample_vocab)
+  except ValueError as e:
+    scheduler.stop()
+    sys.exit(f"error: {e}")
 
   def write(text):
     sys.stdout.write(text)
