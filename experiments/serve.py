@@ -3,10 +3,10 @@ r"""OpenAI-compatible server for an InternLM2 checkpoint (like `lmdeploy serve a
   python experiments/serve.py --checkpoint=HF_OR_PARAMS_DIR [--port=23333] [--tensor=2] [--max_slots=32]
   python experiments/serve.py --preset=tiny --tokenizer=tok.model      # random weights, for smoke tests
 
-Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions (see
-internlm_jax/serve/api.py). A full queue answers 429; the KV cache is sized once at start-up from
---kv_cache_fraction of free device memory (on CPU: of the host's available memory; or --num_pages), so
-memory use never grows while serving.
+Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions and GET /metrics
+(Prometheus; off with --nometrics) (see internlm_jax/serve/api.py). A full queue answers 429; the KV cache is
+sized once at start-up from --kv_cache_fraction of free device memory (on CPU: of the host's available memory;
+or --num_pages), so memory use never grows while serving.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ _KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, ["int8"], "int8: quantized KV ca
 _STEPS = flags.DEFINE_integer("steps_per_call", 8, "Decode steps per host round trip.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (power of two).")
 _NO_PREFIX_CACHE = flags.DEFINE_bool("no_prefix_cache", False, "Disable sharing of prompt-prefix pages.")
+_METRICS = flags.DEFINE_bool("metrics", True, "Serve Prometheus metrics at GET /metrics (--nometrics: a 404).")
 
 
 def main(argv):
@@ -80,7 +81,8 @@ def main(argv):
   name = _MODEL_NAME.value or os.path.basename(os.path.normpath(checkpoint or _PRESET.value))
   logging.info("serving %s on http://%s:%d/v1", name, _HOST.value, _PORT.value)
   try:
-    uvicorn.run(create_app(scheduler, tokenizer, name), host=_HOST.value, port=_PORT.value, log_level="info")
+    uvicorn.run(create_app(scheduler, tokenizer, name, metrics=_METRICS.value), host=_HOST.value, port=_PORT.value,
+                log_level="info")
   finally:
     scheduler.stop()
 

@@ -8,6 +8,12 @@ scheduler request each, submitted, seeded and cancelled together (fanout.py).
 Every error is OpenAI JSON. Bad input is a 4xx: malformed or non-UTF-8 JSON and out-of-range parameters 400,
 unknown model 404, prompt + max_tokens past the context 400, a full queue 429. A client that disconnects (or a
 stream that is closed) cancels its request, which frees its slot and pages.
+
+GET /metrics (unless create_app(metrics=False), serve.py's --nometrics: then a 404) is Prometheus's text format
+(metrics.py): `internlm_jax_`-prefixed counters of HTTP requests by route and status, prompt, generated and
+prefix-cache-hit tokens, finish reasons and preemptions; gauges of running/queued requests, free slots and KV
+pages read from Scheduler.stats() at scrape time; histograms of time to first token (from the HTTP request's
+arrival), end-to-end latency, time per output token and prompt/generation lengths, one observation per choice.
 """
 from __future__ import annotations
 
@@ -23,15 +29,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from internlm_jax.serve import protocol as P
 from internlm_jax.serve.fanout import Batch, best, check_fits, guard, sse, usage
+from internlm_jax.serve.metrics import ServerMetrics
 from internlm_jax.serve.scheduler import Delta, Finished, Scheduler, TokenInfo
 from internlm_jax.tokenizer import ACTION_END, ACTION_START, PLUGIN, TokenizerError, parse_assistant
 
 log = logging.getLogger(__name__)
 
 
-def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
+def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: bool = True) -> FastAPI:
   app = FastAPI(title="internlm_jax", description="OpenAI-compatible InternLM2 server")
   engine = scheduler.engine
+  server_metrics = ServerMetrics(scheduler) if metrics else None
+  if server_metrics is not None:
+    server_metrics.install(app)
   token_text = P.TokenText(tokenizer)
   created = int(time.time())
 
@@ -83,6 +93,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
                          f"{engine.max_request_tokens}", param="messages", code="context_length_exceeded")
     return value
 
+  def new_batch(http: Request) -> Batch:
+    return Batch(scheduler, server_metrics.tracker(http) if server_metrics is not None else None)
+
   # ---- routes -----------------------------------------------------------------------------------------------
   @app.get("/health")
   async def health():
@@ -126,7 +139,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
     # best_of ranks candidates by their tokens' logprobs, which the sampler reports only when asked for.
     logprobs = req.logprobs if req.logprobs is not None or m == n else 0
     params = req.sampling(max_tokens_for(req, longest, 16), logprobs, req.logprobs if scoring else None)
-    batch = Batch(scheduler)
+    batch = new_batch(http)
     batch.submit(prompts, params, m, param="prompt")
     rid = P.new_id("cmpl")
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
@@ -219,7 +232,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str) -> FastAPI:
     extra_stop = (tokenizer.special_id(ACTION_END),) if tools else ()
     params = req.sampling(max_tokens_for(req, len(prompt), None), n_top, extra_stop_ids=extra_stop,
                           skip_special_tokens=False if tools else None)
-    batch = Batch(scheduler)
+    batch = new_batch(http)
     batch.submit([prompt], params, n)
     rid = P.new_id("chatcmpl")
     head = {"id": rid, "created": int(time.time()), "model": model_name}

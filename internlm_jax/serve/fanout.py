@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import Request
 
@@ -55,22 +56,29 @@ def check_fits(scheduler, num_prompts: int, m: int, choices_param: str = "n") ->
 class Batch:
   """The sub-requests of one call; their events arrive tagged with the sub-request's index k."""
 
-  def __init__(self, scheduler: Scheduler):
+  def __init__(self, scheduler: Scheduler, tracker: Callable[[int, Any], None] | None = None):
     self.scheduler = scheduler
+    self.tracker = tracker  # metrics: sees (k, event) on the scheduler's thread as each event is emitted
     self.queue: asyncio.Queue = asyncio.Queue()
     self.handles = []
     self.open = set()
 
   def submit(self, prompts: Sequence[list[int]], params: SamplingParams, m: int = 1, param: str = "messages") -> None:
     loop = asyncio.get_running_loop()
+    put, track = self.queue.put_nowait, self.tracker
+
+    def sink(event, k):
+      if track is not None:  # before the hand-off: it sees events of sub-requests nobody reads any more too
+        track(k, event)
+      loop.call_soon_threadsafe(put, (k, event))
+
     try:
       for i, prompt in enumerate(prompts):
         for j in range(m):
           k = i * m + j
-          sink = lambda event, k=k: loop.call_soon_threadsafe(self.queue.put_nowait, (k, event))
           seeded = params if params.seed is None or j == 0 else dataclasses.replace(
               params, seed=choice_seed(params.seed, j))
-          self.handles.append(self.scheduler.submit(prompt, seeded, sink=sink))
+          self.handles.append(self.scheduler.submit(prompt, seeded, sink=functools.partial(sink, k=k)))
           self.open.add(k)
     except ServerBusyError as e:
       self.cancel()
