@@ -114,6 +114,32 @@ def test_reweighted_resume_continues_each_component(tok, two):
   assert after_kinds.count("web") / len(after_kinds) == pytest.approx(0.5, abs=0.05)
 
 
+def test_switching_a_component_off_keeps_the_others_seeds_and_states(tok, two, tmp_path):
+  """A zero weight drops a component from the mix; the components after it keep their spec position, so their
+  shuffle seeds and saved states stay their own (they used to shift onto the switched-off component's)."""
+  web, code = two
+  wiki = _jsonl(tmp_path / "wiki.jsonl", _texts("wiki", 50, 2))
+  wiki_docs = lambda docs: [d.split()[0] for d in docs if d.startswith("wiki")]
+  on = wiki_docs(_docs_of(_take(_make(data.open_spec(f"{web}:0.5,{code}:0.0001,{wiki}:0.5"), tok, seed=3), 20), tok))
+  off = wiki_docs(_docs_of(_take(_make(data.open_spec(f"{web}:0.5,{code}:0,{wiki}:0.5"), tok, seed=3), 20), tok))
+  assert len(on) > 10 and off[:10] == on[:10]
+  first = iter(_make(data.open_spec(f"{web}:0.4,{code}:0.2,{wiki}:0.4"), tok, seed=3))
+  before = wiki_docs(_docs_of([next(first) for _ in range(10)], tok))
+  state = json.loads(json.dumps(first.get_state()))
+  second = iter(_make(data.open_spec(f"{web}:0.5,{code}:0,{wiki}:0.5"), tok, seed=3))
+  second.set_state(state)
+  after = wiki_docs(_docs_of([next(second) for _ in range(10)], tok))[1:]  # the first may be a continuation
+  assert len(before) > 3 and len(after) > 3 and not set(before) & set(after)  # no restart, no other permutation
+  third = iter(_make(data.open_spec(f"{web}:0.4,{code}:0.2,{wiki}:0.4"), tok, seed=3))
+  third.set_state(json.loads(json.dumps(second.get_state())))  # switched back on: code starts afresh
+  next(third)
+  assert third.get_state()["parent"]["parents"][1]["next_index"] <= 2
+  single = iter(_make(data.open_spec(f"{web}:1"), tok))
+  next(single)
+  with pytest.raises(data.DataError, match="single-source"):
+    iter(_make(data.open_spec(f"{web}:0.5,{code}:0.5"), tok)).set_state(single.get_state())
+
+
 def test_mixture_host_shards_are_disjoint(tok, two):
   mix = data.open_spec(f"{two[0]}:0.5,{two[1]}:0.5")
   seen = []
@@ -239,3 +265,18 @@ def test_two_tfds_datasets_through_the_training_config(tok, tmp_path, caplog):
   # Validation reads the mixture once, unshuffled, as the training loop's evaluate() does.
   val_docs = _docs_of(list(_make(val, tok, shuffle=False, num_epochs=1)), tok)
   assert len(val_docs) == 6 and len(set(val_docs)) == 6
+
+
+def test_unigram_baseline_reads_every_component_by_weight(tok, two):
+  """The baseline used to read the mixture's concatenation from the start: only the first component's documents
+  once it holds max_docs of them, whatever the weights."""
+  from internlm_jax.train.loop import _baseline_docs, unigram_baseline
+  web, code = two
+  mix = data.open_spec(f"{web}:0.25,{code}:0.75")
+  docs = _baseline_docs(mix, 20)
+  assert [d[:3] for d in docs].count("web") == 5 and [d[:3] for d in docs].count("cod") == 15
+  plain = data.make_source(web)
+  assert _baseline_docs(plain, 20) == [plain[i] for i in range(20)]
+  code_only = data.open_spec(code)
+  assert unigram_baseline(mix, code_only, tok, max_docs=20) < unigram_baseline(
+      data.open_spec(f"{web}:0.75,{code}:0.25"), code_only, tok, max_docs=20)

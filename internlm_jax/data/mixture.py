@@ -43,11 +43,13 @@ _FORMAT_PREFIX = re.compile(r"^(?P<format>[A-Za-z_]\w*):(?!//)(?P<rest>.+)$")
 
 @dataclasses.dataclass(frozen=True)
 class Component:
-  """One mixture component: `name` labels it in logs and errors; `weight` is normalised; `spec` is as written."""
+  """One mixture component: `name` labels it in logs and errors; `weight` is normalised; `spec` is as written;
+  `position` is its place in the spec, zero-weight components counted (None: its place in the list given)."""
   name: str
   source: Any
   weight: float
   spec: str = ""
+  position: int | None = None
 
 
 class Mixture:
@@ -70,6 +72,9 @@ class Mixture:
         raise DataError(f"mixture component {label}: weight must be >= 0, got {c.weight}")
       if c.weight > 0 and len(c.source) == 0:
         raise DataError(f"mixture component {label} has weight {c.weight} but holds no documents")
+    # Positions count the zero-weight components too: switching one off must not move the others' shuffle seeds
+    # and iterator states onto another component's.
+    parts = [c if c.position is not None else dataclasses.replace(c, position=i) for i, c in enumerate(parts)]
     total = sum(c.weight for c in parts)
     if total <= 0:
       raise DataError(f"mixture weights sum to {total}; give at least one component a positive weight")
@@ -156,7 +161,7 @@ def open_spec(spec, format: str = "auto", field: str | None = None, split: str =
   if sum(w for _, _, w, _ in parsed) <= 0:
     raise DataError(f"mixture weights of {specs} sum to 0; give at least one component a positive weight")
   components, off = [], []
-  for name, item, (path, fmt, weight, comp_field) in zip(names, specs, parsed):
+  for position, (name, item, (path, fmt, weight, comp_field)) in enumerate(zip(names, specs, parsed)):
     if weight == 0:
       off.append(name)
       continue
@@ -165,5 +170,5 @@ def open_spec(spec, format: str = "auto", field: str | None = None, split: str =
                            split=split, max_chars=max_chars, tfds_split=tfds_split)
     except DataError as e:
       raise DataError(f"mixture component {item!r}: {e}") from None
-    components.append(Component(name, source, weight, item))
+    components.append(Component(name, source, weight, item, position))
   return Mixture(components, off=off)

@@ -21,12 +21,15 @@ component of long documents gets more tokens than its weight). A repeating mixtu
 `num_epochs` it ends as soon as any component runs out. A mixture of one component is that component's
 plain pipeline, batch for batch. The iterator state holds each component's position (by order in the spec):
 a run may be resumed with other weights, or with components appended, and each kept component continues where
-it was (only the document being packed at the save may be cut short); reordering components swaps positions.
+it was (only the document being packed at the save may be cut short); reordering components swaps positions;
+a component switched off (weight 0) keeps its place, so the others keep their seeds and states. A run that
+started from one unweighted source cannot resume as a mixture, nor the reverse (the states differ in kind).
 """
 from __future__ import annotations
 
+import copy
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -78,6 +81,47 @@ def _documents(source, tokenizer, seed, shuffle, num_epochs, index, count, label
   return ds.filter(_not_blank).map(functools.partial(_tokenize, tokenizer=tokenizer))
 
 
+class _ByPosition(grain.IterDataset):
+  """The mixed documents, with the mix's per-component states keyed by spec position (`Component.position`, None
+  for a component switched off by weight 0) instead of by place among the active components: a run resumed with
+  a component switched off or on gives every other component its own state back."""
+
+  def __init__(self, parent: grain.IterDataset, positions: Sequence[int]):
+    super().__init__(parent)
+    self._positions = tuple(positions)
+
+  def __iter__(self) -> "_ByPositionIterator":
+    return _ByPositionIterator(self._parent.__iter__(), self._positions)
+
+
+class _ByPositionIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, positions: tuple[int, ...]):
+    super().__init__(parent)
+    self._positions = positions
+    self._fresh = copy.deepcopy(parent.get_state()["parents"])  # for components the saved state does not hold
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    state = dict(self._parent.get_state())
+    by_position: list[Any] = [None] * (max(self._positions) + 1)
+    for position, parent_state in zip(self._positions, state["parents"]):
+      by_position[position] = parent_state
+    state["parents"] = by_position
+    return state
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or "parents" not in state:
+      raise DataError("the data iterator state was saved by a single-source pipeline (no weights, or one weighted "
+                      "component), not by a mixture; resume with the spec it was saved with")
+    saved = state["parents"]
+    parents = [saved[p] if p < len(saved) and saved[p] is not None else copy.deepcopy(fresh)
+               for p, fresh in zip(self._positions, self._fresh)]
+    self._parent.set_state(dict(state, parents=parents))
+
+
 def make_pretrain_dataset(source: Sequence[str], tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
                           shuffle: bool = True, num_epochs: int | None = None, shard_index: int | None = None,
                           shard_count: int | None = None, drop_remainder: bool = False,
@@ -106,11 +150,13 @@ def make_pretrain_dataset(source: Sequence[str], tokenizer, *, seq_len: int, bat
   if isinstance(source, Mixture):
     # A list, not a name-keyed mapping: states and seeds then follow the component's position in the spec, so the
     # batches (and a resume) do not depend on where the files are mounted.
+    positions = [i if c.position is None else c.position for i, c in enumerate(source.components)]
     docs = grain.IterDataset.mix(
-        [_documents(c.source, tokenizer, _component_seed(seed, i), shuffle, num_epochs, index, count,
+        [_documents(c.source, tokenizer, _component_seed(seed, p), shuffle, num_epochs, index, count,
                     f"mixture component {c.name!r}: ").to_iter_dataset(read_options)
-         for i, c in enumerate(source.components)],
+         for p, c in zip(positions, source.components)],
         [c.weight for c in source.components])
+    docs = _ByPosition(docs, positions)
   else:
     docs = _documents(source, tokenizer, seed, shuffle, num_epochs, index, count, "").to_iter_dataset(read_options)
   packed = PackIterDataset(docs, seq_len=seq_len, pad_id=tokenizer.pad_id)

@@ -173,16 +173,25 @@ def evaluate(eval_fn, params, val_source, tokenizer, cfg, sharding) -> float:
   return loss_sum / max(count, 1.0)
 
 
+def _baseline_docs(source, max_docs: int):
+  """Up to `max_docs` documents of a source; of a mixture, each component's first documents in proportion to its
+  weight (its plain concatenation would give the first component's documents only)."""
+  if not isinstance(source, mixture.Mixture):
+    return [source[i] for i in range(min(len(source), max_docs))]
+  return [c.source[i] for c in source.components
+          for i in range(min(len(c.source), max(1, round(max_docs * c.weight))))]
+
+
 def unigram_baseline(train_source, val_source, tokenizer, max_docs: int = 2000) -> float:
   """Validation loss of a unigram model fit on train tokens (add-one smoothed): the bar a model must clear."""
   counts = np.ones(tokenizer.vocab_size, np.float64)
-  for i in range(min(len(train_source), max_docs)):
-    ids = tokenizer.encode(train_source[i], add_bos=True, add_eos=True)
+  for text in _baseline_docs(train_source, max_docs):
+    ids = tokenizer.encode(text, add_bos=True, add_eos=True)
     np.add.at(counts, ids[1:], 1)
   logp = np.log(counts / counts.sum())
   total = n = 0.0
-  for i in range(min(len(val_source), max_docs)):
-    ids = tokenizer.encode(val_source[i], add_bos=True, add_eos=True)[1:]
+  for text in _baseline_docs(val_source, max_docs):
+    ids = tokenizer.encode(text, add_bos=True, add_eos=True)[1:]
     total -= logp[ids].sum()
     n += len(ids)
   return total / max(n, 1.0)
