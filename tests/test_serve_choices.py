@@ -186,6 +186,33 @@ def test_disconnected_n_stream_cancels_every_choice_and_returns_pages(setup):
   assert sched.finished["cancelled"] == before + 3
 
 
+def test_stream_closed_before_its_events_cancels_the_batch():
+  # A chat stream sends each choice's role chunk before it reads any event, so a client that leaves then closes
+  # the generator at one of those yields, where Batch.events' cleanup never ran: guard must cancel the batch.
+  import asyncio
+  from internlm_jax.serve.fanout import guard
+
+  class FakeBatch:
+    cancelled = 0
+
+    def cancel(self):
+      self.cancelled += 1
+
+  async def roles_then_events():
+    for k in range(3):
+      yield f"role {k}"
+    raise AssertionError("never reached")
+
+  async def client_leaves_after_one_chunk(batch):
+    stream = guard(roles_then_events(), batch)
+    assert await stream.__anext__() == "role 0"
+    await stream.aclose()
+
+  batch = FakeBatch()
+  asyncio.run(client_leaves_after_one_chunk(batch))
+  assert batch.cancelled == 1
+
+
 class Scripted:
   """Answers sub-request number i (from 0) with texts[i % len(texts)]; None never answers; "ERROR" fails it.
   Records which sub-requests were cancelled."""

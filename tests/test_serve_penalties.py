@@ -218,6 +218,18 @@ def test_freed_slot_starts_with_zero_counts_and_no_bias(engine):
   assert after == before and second == first  # counts start at zero for a new request
 
 
+def test_freed_slot_turns_its_penalties_and_bias_off(engine):
+  # An idle slot still pads decode buckets: a stale penalty or bias row would keep their [b, V] passes (skipped by
+  # cond only when no row asks for them) running for every later generate call.
+  eng, holder = engine
+  loud = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, repetition_penalty=1.3,
+                        presence_penalty=1.0, frequency_penalty=0.5, logit_bias={7: 2.0})
+  run(engine, {3: (prompt(8), loud, 0)})
+  s = holder[0].slots
+  assert not np.any(np.asarray(s.presence_penalty)) and not np.any(np.asarray(s.frequency_penalty))
+  assert np.all(np.asarray(s.repetition_penalty) == 1.0) and np.all(np.asarray(s.bias_ids) == -1)
+
+
 def test_preempted_request_resumes_with_its_counts(engine):
   eng, holder = engine
   params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=1.0,

@@ -177,7 +177,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
         if include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
           yield sse({**head, "choices": [], "usage": usage(lens, done, n)})
         yield "data: [DONE]\n\n"
-      return StreamingResponse(guard(stream()), media_type="text/event-stream")
+      return StreamingResponse(guard(stream(), batch), media_type="text/event-stream")
 
     tokens = [[] for _ in range(len(prompts) * m)]
     done: dict[int, Finished] = {}
@@ -283,7 +283,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
         if include_usage:
           yield sse({**chunk, "choices": [], "usage": usage([len(prompt)], done, n)})
         yield "data: [DONE]\n\n"
-      return StreamingResponse(guard(stream()), media_type="text/event-stream")
+      return StreamingResponse(guard(stream(), batch), media_type="text/event-stream")
 
     tokens: list[list[TokenInfo]] = [[] for _ in range(n)]
     done: dict[int, Finished] = {}

@@ -339,8 +339,13 @@ class Engine:
     """Ends a slot's sequence: its pages go back to the pool at once and it stops decoding."""
     self.allocator.free_slot(slot)
     self._live[slot] = False
+    # The penalties and bias go back to "off" too: an idle slot still pads decode buckets, and a stale row would
+    # keep their [b, V] passes (skipped by cond when no row asks) running for every later call.
+    off = dict(active=np.bool_(False), remaining=np.int32(0), repetition_penalty=np.float32(1.0),
+               presence_penalty=np.float32(0.0), frequency_penalty=np.float32(0.0),
+               bias_ids=np.full((sampling.MAX_LOGIT_BIAS,), -1, np.int32))
     with self._ctx():
-      slots = self._insert(state.slots, jnp.int32(slot), dict(active=np.bool_(False), remaining=np.int32(0)))
+      slots = self._insert(state.slots, jnp.int32(slot), off)
     return dataclasses.replace(state, slots=slots)
 
 

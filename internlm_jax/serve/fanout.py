@@ -110,9 +110,11 @@ class Batch:
       self.cancel()
 
   def cancel(self) -> None:
+    """Cancels the sub-requests still open, once: both a stream's guard and Batch.events may call it."""
     for k, handle in enumerate(self.handles):
       if k in self.open:
         handle.cancel()
+    self.open.clear()
 
 
 def usage(prompt_lens: Sequence[int], done: dict[int, Finished], m: int) -> dict[str, Any]:
@@ -137,11 +139,16 @@ def sse(payload: dict[str, Any]) -> str:
   return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def guard(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-  """A failure after the stream started can no longer change the status: report it as a last SSE event."""
+async def guard(chunks: AsyncIterator[str], batch: Batch | None = None) -> AsyncIterator[str]:
+  """A failure after the stream started can no longer change the status: report it as a last SSE event.
+  However the stream ends, `batch` is cancelled: a client gone while the first chunks (roles, echoed prompts) were
+  sent never reached Batch.events, whose own cleanup would otherwise leave the choices running to max_tokens."""
   try:
     async for chunk in chunks:
       yield chunk
   except P.APIError as e:
     yield sse(e.body())
     yield "data: [DONE]\n\n"
+  finally:
+    if batch is not None:
+      batch.cancel()
