@@ -321,3 +321,20 @@ def test_http_bad_penalties_and_logit_bias_are_400(client, change, param, needle
     assert r.status_code == 400 and needle in error["message"], (path, error)
     if param is not None:
       assert error["param"] == param, (path, error)
+
+
+def test_bias_and_stop_ids_past_the_sampled_vocabulary_are_refused():
+  # A model vocabulary padded past the tokenizer's: ids from sample_vocab up are never sampled, so a bias or a stop
+  # id there would silently do nothing. The scheduler validates against the sampled vocabulary.
+  from internlm_jax.serve.kv_cache import PageAllocator
+  from internlm_jax.serve.scheduler import Scheduler
+  engine = types.SimpleNamespace(ec=types.SimpleNamespace(max_slots=1, sample_vocab=100),
+                                 config=types.SimpleNamespace(vocab_size=128),
+                                 allocator=PageAllocator(num_pages=5, page_size=8, max_slots=1, pages_per_seq=4),
+                                 init_state=lambda: None, check_request=lambda *a: None, max_seq_len=32,
+                                 max_request_tokens=32)
+  sched = Scheduler(engine, types.SimpleNamespace(), max_queue=4, default_stop_ids=(2,))  # never started
+  for params in (SamplingParams(logit_bias={120: 5.0}), SamplingParams(stop_token_ids=(110,))):
+    with pytest.raises(SamplingError, match=r"\[0, 100\)"):
+      sched.submit([1, 5], params)
+  sched.submit([1, 5], SamplingParams(logit_bias={99: 5.0}))

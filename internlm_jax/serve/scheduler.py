@@ -152,7 +152,8 @@ class Scheduler:
   def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Any], None] | None = None
              ) -> RequestHandle:
     """Queues a request; raises SamplingError / RequestTooLargeError for bad input, ServerBusyError when full."""
-    params = params.validate(self.engine.config.vocab_size)
+    # Ids past sample_vocab (a padded model vocabulary) are never sampled: a bias or stop id there would be inert.
+    params = params.validate(getattr(self.engine.ec, "sample_vocab", None) or self.engine.config.vocab_size)
     stop_ids = params.stop_ids(self.default_stop_ids)
     self.engine.check_request(prompt, params.max_tokens)
     events: queue.Queue = queue.Queue()
