@@ -218,3 +218,21 @@ def test_openmetrics_when_asked_and_404_when_disabled(tok):
   assert r.status_code == 404 and json.loads(r.text)["error"]["type"] == "not_found_error"
   assert off.post("/v1/chat/completions", json=CHAT).status_code == 200
   assert "/metrics" not in off.get("/openapi.json").json()["paths"]
+
+
+def test_time_per_output_token_counts_only_tokens_after_the_first_delivery():
+  # A Delta carries a whole device call's tokens: the per-token time is the time after the first delivery over
+  # the tokens that came after it (a choice delivered in one Delta has none to time).
+  from internlm_jax.serve.metrics import RequestTracker, ServerMetrics
+  metrics = ServerMetrics(types.SimpleNamespace(stats=lambda: {}))
+  tracker = RequestTracker(metrics, arrival=time.perf_counter())
+  four = [TokenInfo(t) for t in (5, 6, 7, 8)]
+  tracker(0, Delta("abcd", four))
+  tracker(0, Finished("length", "abcd", [5, 6, 7, 8], 3, 0))
+  tracker(1, Delta("abcd", four))
+  time.sleep(0.04)
+  tracker(1, Delta("efgh", four))
+  tracker(1, Finished("length", "abcdefgh", [5, 6, 7, 8] * 2, 3, 0))
+  count = metrics.registry.get_sample_value("internlm_jax_time_per_output_token_seconds_count")
+  total = metrics.registry.get_sample_value("internlm_jax_time_per_output_token_seconds_sum")
+  assert count == 1 and 0.01 <= total < 0.5, (count, total)  # 0.04 s over 4 tokens (over 7 would be < 0.01)

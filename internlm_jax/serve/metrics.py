@@ -69,8 +69,8 @@ class ServerMetrics:
                           "per choice.", buckets=LATENCY_BUCKETS, registry=r)
     self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "HTTP arrival to the choice's finish.",
                          buckets=LATENCY_BUCKETS, registry=r)
-    self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Mean time between a choice's generated "
-                          "tokens after the first (choices of 2+ tokens).", buckets=TOKEN_LATENCY_BUCKETS,
+    self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Mean time per generated token after the "
+                          "first delivery of a choice (choices with later deliveries).", buckets=TOKEN_LATENCY_BUCKETS,
                           registry=r)
     self.prompt_len = Histogram(PREFIX + "request_prompt_tokens", "Prompt length per choice.",
                                 buckets=LENGTH_BUCKETS, registry=r)
@@ -125,7 +125,9 @@ class RequestTracker:
 
   def __init__(self, metrics: ServerMetrics, arrival: float):
     self.metrics, self.arrival = metrics, arrival
-    self.first: dict[int, float] = {}  # sub-request -> perf_counter() of its first token
+    # sub-request -> (perf_counter() of its first tokens, how many came with them): a Delta carries a whole
+    # device call's tokens (steps_per_call), so the per-token time is measured over the tokens that came after.
+    self.first: dict[int, tuple[float, int]] = {}
 
   def __call__(self, k: int, event) -> None:
     try:
@@ -135,7 +137,7 @@ class RequestTracker:
         if event.tokens:
           m.generation_tokens.inc(len(event.tokens))
           if k not in self.first:
-            self.first[k] = now
+            self.first[k] = (now, len(event.tokens))
             m.ttft.observe(now - self.arrival)
       elif isinstance(event, Finished):
         generated = len(event.token_ids)
@@ -146,8 +148,8 @@ class RequestTracker:
         m.prompt_len.observe(event.prompt_tokens)
         m.generation_len.observe(generated)
         first = self.first.pop(k, None)
-        if first is not None and generated > 1:
-          m.tpot.observe((now - first) / (generated - 1))
+        if first is not None and generated > first[1]:
+          m.tpot.observe((now - first[0]) / (generated - first[1]))
     except Exception:
       log.debug("metrics: observing an event failed", exc_info=True)
 
