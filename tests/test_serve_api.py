@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 
 from internlm_jax import forward
 from internlm_jax.serve.api import create_app
-from internlm_jax.serve.engine import Engine, EngineConfig
+from internlm_jax.serve.engine import Engine
 from internlm_jax.serve.sampling import SamplingParams
 from internlm_jax.serve.scheduler import Delta, Finished, Scheduler, ServerBusyError, TokenInfo
-from internlm_jax.serve.testing import loopback_server, tiny_model, tiny_tokenizer
+from internlm_jax.serve.testing import loopback_server, tiny_api
 
 MODEL = "tiny-internlm2"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,14 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  config, params = tiny_model()
-  tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-  ec = EngineConfig(max_slots=2, max_seq_len=160, page_size=8, prefill_chunk=32, steps_per_call=4,
-                    sample_vocab=tok.vocab_size)
-  sched = Scheduler(Engine(params, config, ec), tok, max_queue=4).start()
-  with TestClient(create_app(sched, tok, MODEL), raise_server_exceptions=False) as client:
-    yield client, sched, tok, (config, params)
-  sched.stop()
+  with tiny_api(tmp_path_factory.mktemp("tok"), MODEL) as fixtures:
+    yield fixtures
 
 
 def post(client, path, body):

@@ -63,3 +63,24 @@ def loopback_server(app, **uvicorn_options):
   finally:
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def tiny_api(directory: str | os.PathLike, model_name: str = "tiny-internlm2"):
+  """The tiny model behind a running scheduler (2 slots, queue of 4) and its app in a TestClient; yields
+  (client, scheduler, tokenizer, (config, params)) and stops the scheduler after."""
+  from fastapi.testclient import TestClient
+
+  from internlm_jax.serve.api import create_app
+  from internlm_jax.serve.engine import Engine, EngineConfig
+  from internlm_jax.serve.scheduler import Scheduler
+  config, params = tiny_model()
+  tok = tiny_tokenizer(directory)
+  ec = EngineConfig(max_slots=2, max_seq_len=160, page_size=8, prefill_chunk=32, steps_per_call=4,
+                    sample_vocab=tok.vocab_size)
+  sched = Scheduler(Engine(params, config, ec), tok, max_queue=4).start()
+  try:
+    with TestClient(create_app(sched, tok, model_name), raise_server_exceptions=False) as client:
+      yield client, sched, tok, (config, params)
+  finally:
+    sched.stop()
