@@ -1,6 +1,7 @@
 r"""Terminal chat with an InternLM2 checkpoint: streaming output, history, /reset, /exit.
 
   python experiments/chat.py --checkpoint=HF_OR_PARAMS_DIR [--system="..."] [--temperature=0.8 --top_p=0.8]
+  python experiments/chat.py --checkpoint=BASE_DIR --adapter=WORKDIR/adapter      # a LoRA fine-tune, merged at start
 
 Runs the serving engine in-process (same scheduler as experiments/serve.py). Ctrl-C stops the current answer;
 Ctrl-D or /exit quits; /reset clears the history.
@@ -21,6 +22,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF InternLM2 folder, para
                                   "workdir (its newest checkpoint).")
 _PRESET = flags.DEFINE_string("preset", None, "Chat with random weights of this preset (no --checkpoint).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "sentencepiece model; default CHECKPOINT/tokenizer.model.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "PEFT LoRA adapter folder (experiments/finetune.py's WORKDIR/adapter) "
+                               "merged into the base at start-up, before --dtype and --quant.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Cast weights and compute.")
 _QUANT = flags.DEFINE_enum("quant", None, ["int8", "int4"], "Quantize matmul weights (int8 per channel, int4 "
                            "group-wise).")
@@ -110,7 +113,7 @@ def main(argv):
     tokenizer = loading.find_tokenizer(_CHECKPOINT.value, _TOKENIZER.value)
     mesh = loading.serving_mesh(_TENSOR.value)
     config, params = loading.load_model(_CHECKPOINT.value, preset=_PRESET.value, mesh=mesh,
-                                        dtype=_DTYPE.value, quant=_QUANT.value)
+                                        dtype=_DTYPE.value, quant=_QUANT.value, adapter=_ADAPTER.value)
   except (OSError, ValueError) as e:  # a missing folder, tokenizer or preset; a malformed checkpoint
     sys.exit(f"error: {e}")
   if hasattr(sys.stdin, "reconfigure"):  # a non-UTF-8 line must not end the chat (strict locales raise)

@@ -25,6 +25,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "HF folder, params folder or
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "sentencepiece .model (default: the checkpoint's)")
 _TRAIN_CONFIG = flags.DEFINE_string("train_config", "", "the training config of a training workdir checkpoint")
 _STEP = flags.DEFINE_integer("step", None, "training step to evaluate (default: the newest good one)")
+_ADAPTER = flags.DEFINE_string("adapter", "", "PEFT LoRA adapter folder (finetune.py's WORKDIR/adapter) merged into "
+                               "--checkpoint before evaluating")
 _BACKEND = flags.DEFINE_enum("backend", "engine", ["engine", "dense"],
                              "--checkpoint generation: the serving engine (paged cache, continuous batching, stop "
                              "strings end decoding) or the dense generate.py path; log-likelihood is the same "
@@ -53,6 +55,8 @@ def _backend(cfg):
   if bool(_API_BASE.value) == bool(_CHECKPOINT.value):
     sys.exit("error: pass exactly one of --checkpoint=DIR or --api_base=URL")
   if _API_BASE.value:
+    if _ADAPTER.value:
+      sys.exit("error: --adapter needs --checkpoint (an endpoint serves its own model: serve.py --adapter=DIR)")
     if not _MODEL.value:
       sys.exit("error: --api_base needs --model=NAME (the model id the endpoint serves)")
     tokenizer = Tokenizer(_TOKENIZER.value) if _TOKENIZER.value else None
@@ -67,6 +71,14 @@ def _backend(cfg):
   name = _NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
   if described.startswith("train:"):
     name = _NAME.value or f"{name}@{described.rsplit('@', 1)[1]}"
+  if _ADAPTER.value:
+    from internlm_jax.lora_io import merge_adapter_folder
+    try:
+      params = merge_adapter_folder(_ADAPTER.value, config, params, base=_CHECKPOINT.value, donate=True)
+    except (OSError, ValueError) as e:  # no folder or files; an adapter for another base
+      sys.exit(f"error: {e}")
+    name = _NAME.value or os.path.basename(os.path.normpath(_ADAPTER.value))
+    described += f" + adapter {os.path.abspath(_ADAPTER.value)}"
   logging.info("evaluating %s (%s backend)", described, _BACKEND.value)
   backend_class = EngineBackend if _BACKEND.value == "engine" else InProcessBackend
   return backend_class(params, config, tokenizer, name=name, batch_size=batch_size, max_length=max_length)

@@ -1,6 +1,7 @@
 r"""OpenAI-compatible server for an InternLM2 checkpoint (like `lmdeploy serve api_server`).
 
   python experiments/serve.py --checkpoint=HF_OR_PARAMS_DIR [--port=23333] [--tensor=2] [--max_slots=32]
+  python experiments/serve.py --checkpoint=BASE_DIR --adapter=WORKDIR/adapter   # a LoRA fine-tune, merged at start
   python experiments/serve.py --preset=tiny --tokenizer=tok.model      # random weights, for smoke tests
 
 Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions and GET /metrics
@@ -25,7 +26,10 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF InternLM2 folder, para
                                   "workdir (its newest checkpoint).")
 _PRESET = flags.DEFINE_string("preset", None, "Serve random weights of this preset (no --checkpoint).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "sentencepiece model; default CHECKPOINT/tokenizer.model.")
-_MODEL_NAME = flags.DEFINE_string("model_name", None, "Name clients pass as `model`; default the folder name.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "PEFT LoRA adapter folder (experiments/finetune.py's WORKDIR/adapter) "
+                               "merged into the base at start-up, before --dtype and --quant.")
+_MODEL_NAME = flags.DEFINE_string("model_name", None, "Name clients pass as `model`; default the folder name (the "
+                                  "--adapter folder's with an adapter).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
 _PORT = flags.DEFINE_integer("port", 23333, "Port.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Cast weights and compute.")
@@ -68,7 +72,7 @@ def main(argv):
     tokenizer = loading.find_tokenizer(checkpoint, _TOKENIZER.value)
     mesh = loading.serving_mesh(_TENSOR.value)
     config, params = loading.load_model(checkpoint, preset=_PRESET.value, mesh=mesh, dtype=_DTYPE.value,
-                                        quant=_QUANT.value)
+                                        quant=_QUANT.value, adapter=_ADAPTER.value)
   except (OSError, ValueError) as e:  # a busy port; a missing tokenizer or preset; a malformed checkpoint
     sys.exit(f"error: {e}")
   ec = EngineConfig(max_slots=_MAX_SLOTS.value, max_seq_len=_MAX_SEQ_LEN.value, page_size=_PAGE_SIZE.value,
@@ -78,7 +82,7 @@ def main(argv):
   engine = loading.build_engine(config, params, ec, mesh=mesh, tensor=_TENSOR.value,
                                 kv_fraction=_KV_FRACTION.value)
   scheduler = Scheduler(engine, tokenizer, max_queue=_MAX_QUEUE.value).start()
-  name = _MODEL_NAME.value or os.path.basename(os.path.normpath(checkpoint or _PRESET.value))
+  name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_ADAPTER.value or checkpoint or _PRESET.value))
   logging.info("serving %s on http://%s:%d/v1", name, _HOST.value, _PORT.value)
   try:
     uvicorn.run(create_app(scheduler, tokenizer, name, metrics=_METRICS.value), host=_HOST.value, port=_PORT.value,

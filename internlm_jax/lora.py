@@ -361,12 +361,9 @@ _UNSUPPORTED = {"use_rslora": False, "use_dora": False, "lora_bias": False, "bia
                 "layers_to_transform": None, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
-def load_adapter(path: str | os.PathLike, config: ModelConfig, *, mesh=None,
-                 rules: ShardingRules = DEFAULT_RULES) -> tuple[LoraConfig, Params]:
-  """(LoraConfig, adapter tree) from a PEFT LoRA folder for an InternLM2 model (ours or PEFT's)."""
-  from safetensors.numpy import load_file  # noqa: PLC0415
-  folder = os.fspath(path)
-  cfg_path = os.path.join(folder, ADAPTER_CONFIG)
+def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
+  """(LoraConfig, the raw adapter_config.json) of a PEFT LoRA folder; LoraError when it is not one we load."""
+  cfg_path = os.path.join(os.fspath(path), ADAPTER_CONFIG)
   try:
     with open(cfg_path) as f:
       raw = json.load(f)
@@ -384,6 +381,15 @@ def load_adapter(path: str | os.PathLike, config: ModelConfig, *, mesh=None,
   targets = tuple(str(t).rsplit(".", 1)[-1] for t in targets)
   lcfg = LoraConfig(rank=int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", 8)),
                     dropout=float(raw.get("lora_dropout", 0.0)), targets=targets)
+  return lcfg, raw
+
+
+def load_adapter(path: str | os.PathLike, config: ModelConfig, *, mesh=None,
+                 rules: ShardingRules = DEFAULT_RULES) -> tuple[LoraConfig, Params]:
+  """(LoraConfig, adapter tree) from a PEFT LoRA folder for an InternLM2 model (ours or PEFT's)."""
+  from safetensors.numpy import load_file  # noqa: PLC0415
+  folder = os.fspath(path)
+  lcfg, _ = read_adapter_config(folder)
   weights = os.path.join(folder, ADAPTER_WEIGHTS)
   if not os.path.isfile(weights):
     raise LoraError(f"{weights}: missing (adapter_model.bin is not supported)")

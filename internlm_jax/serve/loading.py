@@ -10,10 +10,11 @@ import os
 
 import jax
 
-from internlm_jax.config import ModelConfig, get_preset
+from internlm_jax import lora_io
+from internlm_jax.config import ModelConfig, from_hf_config, get_preset
 from internlm_jax.hf_io import load_hf_checkpoint
 from internlm_jax.model import init_params
-from internlm_jax.params_io import CONFIG_FILE, load_params_checkpoint
+from internlm_jax.params_io import CONFIG_FILE, _read_config, load_params_checkpoint
 from internlm_jax.quant import nbytes as quant_nbytes
 from internlm_jax.quant import quantize_params
 from internlm_jax.serve.engine import Engine, EngineConfig
@@ -42,19 +43,42 @@ def serving_mesh(tensor: int):
 
 
 def load_model(checkpoint: str | None, *, preset: str | None = None, mesh=None, dtype: str | None = None,
-               quant: str | None = None, seed: int = 0) -> tuple[ModelConfig, dict]:
+               quant: str | None = None, seed: int = 0, adapter: str | None = None) -> tuple[ModelConfig, dict]:
   """(config, params) from an HF InternLM2 folder (config.json + safetensors), a params checkpoint folder
   (model_config.json + params/) or a training workdir (model_config.json + checkpoints/: its newest); with
   `preset` and no checkpoint, random weights (benchmarks, smoke tests).
+  `adapter`, a PEFT LoRA folder (lora.save_adapter; experiments/finetune.py's WORKDIR/adapter), is checked against
+  the base before its weights load and merged in float32 before the `dtype` cast and quantization (lora_io.py).
   `quant` "int8" (per channel) or "int4" (group-wise) quantizes the matmul weights (see quant.py)."""
-  config, params = _load(checkpoint, preset, mesh, dtype, seed)
+  base = checkpoint or f"preset {preset}"
+  if adapter:  # a wrong adapter is one line now, not after minutes of loading a big base
+    config = _base_config(checkpoint, preset)
+    if config is not None:
+      lora_io.check_adapter_folder(adapter, config, base=base)
+  config, params = _load(checkpoint, preset, mesh, dtype, seed, cast=not adapter)
+  if adapter:
+    params = lora_io.merge_adapter_folder(adapter, config, params, base=base, dtype=config.param_dtype, mesh=mesh,
+                                          donate=True)
   if quant:
     params = quantize_params(params, quant)
     log.info("weights quantized to %s: %.2f GiB", quant, quant_nbytes(params) / 2**30)
   return config, params
 
 
-def _load(checkpoint, preset, mesh, dtype, seed):
+def _base_config(checkpoint, preset) -> ModelConfig | None:
+  """The base's config without its weights; None where _load will name what is wrong."""
+  if checkpoint is None:
+    return get_preset(preset) if preset else None
+  if os.path.isfile(os.path.join(checkpoint, "config.json")):
+    return from_hf_config(checkpoint)
+  if os.path.isfile(os.path.join(checkpoint, CONFIG_FILE)):
+    return _read_config(os.path.join(checkpoint, CONFIG_FILE))
+  return None
+
+
+def _load(checkpoint, preset, mesh, dtype, seed, cast=True):
+  """`cast` False leaves an HF folder's weights in their stored dtype (config.param_dtype still says `dtype`)
+  for an adapter merge that casts them."""
   if checkpoint is None:
     if preset is None:
       raise ValueError("pass --checkpoint=DIR (HF InternLM2 folder or params checkpoint) or --preset=NAME")
@@ -63,7 +87,9 @@ def _load(checkpoint, preset, mesh, dtype, seed):
       config = config.replace(dtype=dtype, param_dtype=dtype)
     return config, init_params(config, jax.random.key(seed), mesh=mesh)
   if os.path.isfile(os.path.join(checkpoint, "config.json")):
-    config, params = load_hf_checkpoint(checkpoint, mesh=mesh, dtype=dtype)
+    config, params = load_hf_checkpoint(checkpoint, mesh=mesh, dtype=dtype if cast else None)
+    if dtype and not cast:
+      config = config.replace(param_dtype=dtype)
   elif os.path.isfile(os.path.join(checkpoint, CONFIG_FILE)):
     config, params = load_params_checkpoint(checkpoint, mesh=mesh)
   else:
