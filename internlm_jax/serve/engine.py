@@ -4,7 +4,7 @@ free(state, slot). The paged cache lives on device; the page allocator and page 
 Shapes: B slots, b decoded rows (a bucket), V vocab, n steps per generate call, N top logprobs, pps pages per
 sequence.
   DecodeState.slots: per-slot rows [B] (and logits, seen, counts [B, V], stop_ids [B, MAX_STOP_IDS], bias_ids and
-  bias_values [B, MAX_LOGIT_BIAS])
+  bias_values [B, MAX_LOGIT_BIAS], the guided-decoding bitmask allowed [B, W], W = ceil(V / 32))
   StepResult: tokens, valid, logprob [n, B]; top_ids, top_logprobs [n, B, N]
 
 A generate call runs up to n decode steps in one device loop: each step samples every active slot's next token from the
@@ -13,7 +13,8 @@ on a stop token id or when its token budget runs out, on device, so the host onl
 tokens per slot before the call. Stop strings are the host's job (the scheduler frees the slot). With
 `halt_on_finish` (a traced flag: no extra compile) the call ends after the first step in which a slot finishes, so
 a waiting request takes its slot at once instead of after up to n - 1 idle steps (the scheduler sets it while
-requests wait); the result then holds only the steps that ran.
+requests wait); the result then holds only the steps that ran. `max_steps` (traced too) caps a call's steps: a
+guided slot (guided.py) needs a new token mask from the host after every token.
 
 A call decodes only a bucket of b slots, the smallest power of two (at least min_decode_bucket, at most B)
 covering the slots that may be active: their rows are gathered, run, and scattered back. A decode step's cost
@@ -75,6 +76,10 @@ class Engine:
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("top_n",), donate_argnums=(1,))
     self._generate = jax.jit(self._generate_fn, static_argnames=("steps", "width"), donate_argnums=(1,))
     self._insert = jax.jit(_slot_update, donate_argnums=(0,))
+    self._set_allowed = jax.jit(lambda slots, allowed: dataclasses.replace(slots, allowed=allowed),
+                                donate_argnums=(0,))
+    self.mask_words = -(-config.vocab_size // 32)  # W: the guided-decoding bitmask's uint32 words per slot
+    self._allowed = np.full((ec.max_slots, self.mask_words), 0xFFFFFFFF, np.uint32)  # host copy of slots.allowed
 
   # ---- jitted bodies ----------------------------------------------------------------------------------------
   def _ctx(self):
@@ -91,7 +96,7 @@ class Engine:
     last = jnp.take(logits, n_valid - 1, axis=0)
     return cache, last, sampling.token_logprobs(logits, targets, max(top_n, 1))
 
-  def _generate_fn(self, params, state: DecodeState, rows, halt_on_finish, *, steps, width):
+  def _generate_fn(self, params, state: DecodeState, rows, halt_on_finish, max_steps, *, steps, width):
     # Only the bucket's rows [b] (distinct slots) are decoded. Attention reads only the first `width` pages of
     # each slot: enough for every active slot's tokens.
     table = state.page_table[rows, :width]
@@ -105,7 +110,8 @@ class Engine:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < self.ec.sample_vocab, logits, -jnp.inf)
       token = sampling.sample(logits, keys, s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty,
                               s.seen, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                              counts=s.counts, bias_ids=s.bias_ids, bias_values=s.bias_values)
+                              counts=s.counts, bias_ids=s.bias_ids, bias_values=s.bias_values,
+                              allowed=s.allowed, guided=s.guided)
       valid = s.active & (s.remaining > 0)
       token = jnp.where(valid, token, 0)
       logprob, top_ids, top_lp = sampling.chosen_logprobs(s.logits, token, s.want_top & valid,
@@ -128,7 +134,7 @@ class Engine:
 
     def keep_going(carry):
       i, halted = carry[:2]
-      return (i < steps) & ~halted
+      return (i < jnp.minimum(steps, max_steps)) & ~halted
 
     def body(carry):
       i, _, cache, s, outs = carry
@@ -157,9 +163,11 @@ class Engine:
         presence_penalty=zeros(jnp.float32), frequency_penalty=zeros(jnp.float32),
         counts=jnp.zeros((B, V), jnp.int16), bias_ids=jnp.full((B, sampling.MAX_LOGIT_BIAS), -1, jnp.int32),
         bias_values=jnp.zeros((B, sampling.MAX_LOGIT_BIAS), jnp.float32),
-        stop_ids=jnp.full((B, sampling.MAX_STOP_IDS), -1, jnp.int32))
+        stop_ids=jnp.full((B, sampling.MAX_STOP_IDS), -1, jnp.int32),
+        allowed=jnp.full((B, self.mask_words), 0xFFFFFFFF, jnp.uint32), guided=zeros(bool))
     self._uploaded_version = self.allocator.version
     self._live[:] = False
+    self._allowed[:] = 0xFFFFFFFF
     return DecodeState(cache, slots, jnp.array(self.allocator.page_table, copy=True))
 
   def _sync_table(self, state: DecodeState) -> DecodeState:
@@ -248,9 +256,11 @@ class Engine:
     prefix.pages = []
 
   def insert(self, prefix: Prefix, state: DecodeState, slot: int, params: sampling.SamplingParams,
-             stop_ids: Sequence[int], *, seed: int, generated: Sequence[int] = ()) -> DecodeState:
+             stop_ids: Sequence[int], *, seed: int, generated: Sequence[int] = (),
+             allowed: np.ndarray | None = None) -> DecodeState:
     """Moves a prefix into an empty slot with its sampling parameters. `generated` (tokens a preempted request
-    already produced, now part of the prefix) keeps its sampling key sequence and token budget going."""
+    already produced, now part of the prefix) keeps its sampling key sequence and token budget going. `allowed`
+    [W] uint32: a guided slot's token bitmask for its first token (set_allowed updates it)."""
     B, V = self.ec.max_slots, self.config.vocab_size
     if not 0 <= slot < B:
       raise ValueError(f"slot {slot} out of range [0, {B})")
@@ -269,9 +279,13 @@ class Engine:
                seed=np.uint32(seed % 2 ** 32), temperature=np.float32(params.temperature), top_k=np.int32(top_k),
                top_p=np.float32(params.top_p), min_p=np.float32(params.min_p),
                repetition_penalty=np.float32(params.repetition_penalty), want_top=np.bool_(bool(params.logprobs)),
-               seen=seen, stop_ids=stop_row, **sampling.penalty_rows(params, generated, V))
+               seen=seen, stop_ids=stop_row, guided=np.bool_(allowed is not None),
+               allowed=(np.full((self.mask_words,), 0xFFFFFFFF, np.uint32) if allowed is None
+                        else np.asarray(allowed, np.uint32).reshape(self.mask_words)),
+               **sampling.penalty_rows(params, generated, V))
     prefix.pages = []  # the slot owns them now
     self._live[slot] = bool(row["active"])
+    self._allowed[slot] = row["allowed"]
     with self._ctx():
       slots = self._insert(state.slots, jnp.int32(slot), row)
     return dataclasses.replace(state, slots=slots)
@@ -280,11 +294,11 @@ class Engine:
     """Pages for `num_tokens` more tokens in `slot` before a generate call (CacheFullError if short)."""
     self.allocator.reserve(slot, int(self.allocator.lengths[slot]) + num_tokens)
 
-  def generate(self, state: DecodeState, steps: int | None = None,
-               halt_on_finish: bool = False) -> tuple[DecodeState, StepResult]:
+  def generate(self, state: DecodeState, steps: int | None = None, halt_on_finish: bool = False,
+               max_steps: int | None = None) -> tuple[DecodeState, StepResult]:
     """`steps` (default steps_per_call) decode steps for every active slot, one device-to-host copy; with
-    `halt_on_finish`, fewer: it stops after the first step in which a slot finishes (the result's n is the steps
-    that ran)."""
+    `halt_on_finish`, fewer: it stops after the first step in which a slot finishes; with `max_steps`, at most
+    that many (no new compile). The result's n is the steps that ran."""
     steps = steps or self.ec.steps_per_call
     B = self.ec.max_slots
     state = self._sync_table(state)
@@ -294,8 +308,8 @@ class Engine:
     longest = int(self.allocator.lengths[live].max(initial=0)) + steps
     width = min(_next_pow2(self.allocator.pages_for(longest)), self.pages_per_seq)
     with self._ctx():
-      state, out = self._generate(self.params, state, jnp.asarray(rows), np.bool_(halt_on_finish), steps=steps,
-                                  width=width)
+      state, out = self._generate(self.params, state, jnp.asarray(rows), np.bool_(halt_on_finish),
+                                  np.int32(max_steps or steps), steps=steps, width=width)
     *out, active, ran = jax.device_get(out)
     self._live[rows] = active
     full = []
@@ -331,7 +345,7 @@ class Engine:
       for width in widths:
         for b in buckets:
           state, out = self._generate(self.params, state, jnp.arange(b, dtype=jnp.int32), np.bool_(False),
-                                      steps=steps, width=width)
+                                      np.int32(steps), steps=steps, width=width)
     jax.block_until_ready(out)
     return state
 
@@ -343,9 +357,20 @@ class Engine:
     # keep their [b, V] passes (skipped by cond when no row asks) running for every later call.
     off = dict(active=np.bool_(False), remaining=np.int32(0), repetition_penalty=np.float32(1.0),
                presence_penalty=np.float32(0.0), frequency_penalty=np.float32(0.0),
-               bias_ids=np.full((sampling.MAX_LOGIT_BIAS,), -1, np.int32))
+               bias_ids=np.full((sampling.MAX_LOGIT_BIAS,), -1, np.int32), guided=np.bool_(False))
     with self._ctx():
       slots = self._insert(state.slots, jnp.int32(slot), off)
+    return dataclasses.replace(state, slots=slots)
+
+  def set_allowed(self, state: DecodeState, masks: dict[int, np.ndarray]) -> DecodeState:
+    """New token bitmasks [W] for guided slots (after the host's grammar consumed their tokens), in one upload;
+    the other slots' rows are left as they are."""
+    if not masks:
+      return state
+    for slot, mask in masks.items():
+      self._allowed[slot] = mask
+    with self._ctx():
+      slots = self._set_allowed(state.slots, self._allowed.copy())
     return dataclasses.replace(state, slots=slots)
 
 

@@ -4,7 +4,7 @@ length buckets. The engine itself is engine.py.
 
 Shapes: B slots, V vocab, n steps per generate call, N top logprobs, pps pages per sequence.
   SlotState: per-slot rows [B] (and logits, seen, counts [B, V], stop_ids [B, MAX_STOP_IDS], bias_ids and
-  bias_values [B, MAX_LOGIT_BIAS])
+  bias_values [B, MAX_LOGIT_BIAS], the guided-decoding bitmask allowed [B, W], W = ceil(V / 32))
   StepResult: tokens, valid, logprob [n, B]; top_ids, top_logprobs [n, B, N]
 """
 from __future__ import annotations
@@ -55,6 +55,8 @@ class SlotState:
   bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS] int32, -1 padded: sparse logit bias (a dense row is a [B, V] pass)
   bias_values: jax.Array  # [B, MAX_LOGIT_BIAS] float32
   stop_ids: jax.Array  # [B, MAX_STOP_IDS] int32, -1 padded
+  allowed: jax.Array  # [B, W] uint32 token bitmask of guided decoding (W = ceil(V / 32)); all ones when unguided
+  guided: jax.Array  # [B] bool: the slot's logits are masked by `allowed`
 
 
 @jax.tree_util.register_dataclass

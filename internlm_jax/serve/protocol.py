@@ -1,8 +1,8 @@
 """OpenAI wire format: request models (pydantic), errors, and the builders of logprobs and tool-call fields.
 
 Requests reject unknown fields (a typo must not be silently ignored) and parameters we do not implement
-(suffix, JSON response formats, non-text content parts) with a 400 that names the parameter, rather than
-answering something the client did not ask for. A null optional field means its default, as in OpenAI's API.
+(suffix, non-text content parts) with a 400 that names the parameter, rather than answering something the client
+did not ask for. A null optional field means its default, as in OpenAI's API.
 """
 from __future__ import annotations
 
@@ -58,6 +58,17 @@ class StreamOptions(_Strict):
   include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+  """OpenAI's response_format ("text", "json_object", "json_schema" with json_schema {name, schema, strict,
+  description}) and LMDeploy's "regex_schema"; guided.py compiles it."""
+  type: str
+  json_schema: dict[str, Any] | None = None
+  regex_schema: str | None = None
+
+  def as_dict(self) -> dict[str, Any]:
+    return self.model_dump(exclude_none=True)
+
+
 class _Common(_Strict):
   model: str
   max_tokens: int | None = Field(None, ge=0)
@@ -78,6 +89,7 @@ class _Common(_Strict):
   stream_options: StreamOptions | None = None
   user: str | None = None
   logit_bias: dict[str, float] | None = None
+  response_format: ResponseFormat | None = None
 
   def check_supported(self) -> None:
     if self.n > MAX_N:
@@ -87,7 +99,8 @@ class _Common(_Strict):
       raise APIError(400, "stream_options needs stream=true", param="stream_options")
 
   def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
-               extra_stop_ids: tuple[int, ...] = (), skip_special_tokens: bool | None = None) -> SamplingParams:
+               extra_stop_ids: tuple[int, ...] = (), skip_special_tokens: bool | None = None,
+               grammar: Any = None) -> SamplingParams:
     stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
@@ -96,7 +109,7 @@ class _Common(_Strict):
         frequency_penalty=self.frequency_penalty or 0.0,
         logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()), stop=stop,
         stop_token_ids=tuple(self.stop_token_ids or ()) + extra_stop_ids, ignore_eos=self.ignore_eos,
-        seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar,
         skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
 
 
@@ -127,10 +140,6 @@ class NamedToolChoice(_Strict):
   function: FunctionName
 
 
-class ResponseFormat(BaseModel):
-  type: str
-
-
 class ChatRequest(_Common):
   messages: list[dict[str, Any]] = Field(min_length=1)
   tools: list[dict[str, Any]] | None = None
@@ -139,15 +148,15 @@ class ChatRequest(_Common):
   logprobs: bool = False
   top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
   max_completion_tokens: int | None = Field(None, ge=0)
-  response_format: ResponseFormat | None = None
 
   def check_supported(self) -> None:
     super().check_supported()
     if self.top_logprobs is not None and not self.logprobs:
       raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    if self.response_format is not None and self.response_format.type != "text":
-      raise APIError(400, f"response_format {self.response_format.type!r} is not supported (only 'text')",
-                     param="response_format")
+    if (self.response_format is not None and self.response_format.type != "text"
+        and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))):
+      raise APIError(400, "response_format shapes the message content; it cannot be combined with a tool_choice "
+                     "that forces a tool call", param="response_format")
     if self.tool_choice not in (None, "none") and not self.tools:
       raise APIError(400, "tool_choice needs tools", param="tool_choice")
     _check_content_parts(self.messages)

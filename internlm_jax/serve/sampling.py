@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Sequence
+from typing import Any, Sequence
 
 import chex
 import jax
@@ -60,6 +60,7 @@ class SamplingParams:
   logprobs: int | None = None
   prompt_logprobs: int | None = None
   skip_special_tokens: bool = True
+  grammar: Any = None  # guided.Grammar (response_format): tokens outside it are masked off
 
   def __post_init__(self):
     bias = self.logit_bias
@@ -164,6 +165,15 @@ def count_tokens(counts: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.
   return counts.at[r, tokens].set(new.astype(counts.dtype))
 
 
+def apply_token_mask(logits: jax.Array, allowed: jax.Array, guided: jax.Array) -> jax.Array:
+  """Guided decoding: rows with guided [B] keep only the tokens whose bit is set in allowed [B, W] uint32 (bit
+  t % 32 of word t // 32); the rest become -inf. Unguided rows keep their logits bitwise."""
+  B, V = logits.shape
+  bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, W, 32]
+  ok = bits.reshape(B, -1)[:, :V].astype(bool)
+  return jnp.where(guided[:, None] & ~ok, -jnp.inf, logits)
+
+
 def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """Masks (to -inf) all but each row's top_k logits and then the smallest set whose probability reaches top_p."""
   V = scaled.shape[-1]
@@ -192,9 +202,11 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
            min_p: jax.Array, repetition_penalty: jax.Array, seen: jax.Array, *,
            presence_penalty: jax.Array | None = None, frequency_penalty: jax.Array | None = None,
            counts: jax.Array | None = None, bias_ids: jax.Array | None = None,
-           bias_values: jax.Array | None = None) -> jax.Array:
+           bias_values: jax.Array | None = None, allowed: jax.Array | None = None,
+           guided: jax.Array | None = None) -> jax.Array:
   """Next token [B] int32 from logits [B, V] float32 with per-row parameters [B] and keys [B]; the presence /
-  frequency penalties need counts [B, V], the bias ids and values [B, K] (see apply_logit_bias)."""
+  frequency penalties need counts [B, V], the bias ids and values [B, K] (see apply_logit_bias), guided
+  decoding the token bitmask allowed [B, W] and guided [B] (see apply_token_mask)."""
   chex.assert_rank(logits, 2)
   B = logits.shape[0]
   chex.assert_shape([temperature, top_k, top_p, min_p, repetition_penalty], (B,))
@@ -208,6 +220,8 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
   if bias_ids is not None:
     logits = jax.lax.cond(jnp.any(bias_ids >= 0), apply_logit_bias, lambda x, i, v: x, logits, bias_ids,
                           bias_values)
+  if allowed is not None:  # last, so that no penalty or bias can lift a masked token off -inf
+    logits = jax.lax.cond(jnp.any(guided), apply_token_mask, lambda x, a, g: x, logits, allowed, guided)
   greedy = temperature <= 0.0
   best = argmax(logits)
 

@@ -7,6 +7,8 @@ prefill token budget allow, reserve pages for the next `steps_per_call` tokens o
 each request its tokens. Requests never wait on each other's whole generation: a finished slot is refilled on
 the next turn. A preempted request resumes by prefilling prompt + output so far with its sampling key sequence
 unchanged, so its output does not depend on having been preempted (up to float rounding of prefill vs decode).
+While a guided request (response_format, guided.py) runs, each call decodes one step: its next token mask is
+computed on the host from the token just sampled.
 """
 from __future__ import annotations
 
@@ -74,6 +76,8 @@ class Request:
     self.prompt_logprobs: list[TokenInfo] | None = None
     self.done = False
     self.admitted_at: float | None = None
+    # Guided decoding (response_format): this sequence's grammar state, kept across preemption.
+    self.guide = params.grammar.guide() if params.grammar is not None else None
 
   def emit(self, event) -> None:
     try:
@@ -229,7 +233,9 @@ class Scheduler:
           self._reserve_pages()
           t3 = time.perf_counter()
           # While requests wait, end the call when a slot frees up, so one of them can take it next turn.
-          self._state, result = self.engine.generate(self._state, halt_on_finish=self.handoff_on_finish and bool(self._queue))
+          guided = any(r.guide is not None for r in self._running.values())
+          self._state, result = self.engine.generate(
+              self._state, halt_on_finish=self.handoff_on_finish and bool(self._queue), max_steps=1 if guided else None)
           t4 = time.perf_counter()
           self._dispatch(result)
           t5 = time.perf_counter()
@@ -286,7 +292,8 @@ class Scheduler:
           request.prompt_logprobs = [TokenInfo(request.prompt[i + 1], lp, list(zip(ids, lps)))
                                      for i, (lp, ids, lps) in enumerate(prefix.prompt_logprobs)]
       self._state = self.engine.insert(prefix, self._state, slot, request.params, request.stop_ids,
-                                       seed=request.seed, generated=request.output)
+                                       seed=request.seed, generated=request.output,
+                                       allowed=request.guide.mask() if request.guide is not None else None)
       budget -= len(resume) - prefix.cached_tokens
       if request.params.max_tokens <= len(request.output):  # e.g. max_tokens=0: scoring the prompt only
         self._release_slot(request)
@@ -337,9 +344,10 @@ class Scheduler:
 
   def _dispatch(self, result) -> None:
     want = {slot: r.params.logprobs for slot, r in self._running.items()}
+    masks = {}
     for slot, request in list(self._running.items()):
       infos: list[TokenInfo] = []
-      reason = None
+      reason = error = None
       for j in range(result.tokens.shape[0]):
         if not result.valid[j, slot]:
           continue
@@ -352,6 +360,11 @@ class Scheduler:
                                           result.top_logprobs[j, slot, :n].tolist()))
         infos.append(TokenInfo(token, float(result.logprob[j, slot]) if n is not None else None, top))
         request.output.append(token)
+        guide = request.guide
+        if guide is not None and (not guide.consume(token) or guide.done):
+          # Complete (only the stop tokens would be allowed now): finish without another step.
+          reason, error = ("error", f"guided decoding: {guide.error}") if guide.error else ("stop", None)
+          break
         if len(request.output) >= request.params.max_tokens:
           reason = "length"
           break
@@ -362,7 +375,10 @@ class Scheduler:
         request.emit(Delta(text, infos))
       if reason is not None:
         self._release_slot(request)
-        self._finish(request, reason)
+        self._finish(request, reason, error=error)
+      elif request.guide is not None:
+        masks[slot] = request.guide.mask()
+    self._state = self.engine.set_allowed(self._state, masks)
 
   def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
     with self._lock:  # cancel() may finish a queued request from another thread

@@ -66,7 +66,7 @@ def loopback_server(app, **uvicorn_options):
 
 
 @contextlib.contextmanager
-def tiny_api(directory: str | os.PathLike, model_name: str = "tiny-internlm2"):
+def tiny_api(directory: str | os.PathLike, model_name: str = "tiny-internlm2", max_seq_len: int = 160):
   """The tiny model behind a running scheduler (2 slots, queue of 4) and its app in a TestClient; yields
   (client, scheduler, tokenizer, (config, params)) and stops the scheduler after."""
   from fastapi.testclient import TestClient
@@ -76,7 +76,7 @@ def tiny_api(directory: str | os.PathLike, model_name: str = "tiny-internlm2"):
   from internlm_jax.serve.scheduler import Scheduler
   config, params = tiny_model()
   tok = tiny_tokenizer(directory)
-  ec = EngineConfig(max_slots=2, max_seq_len=160, page_size=8, prefill_chunk=32, steps_per_call=4,
+  ec = EngineConfig(max_slots=2, max_seq_len=max_seq_len, page_size=8, prefill_chunk=32, steps_per_call=4,
                     sample_vocab=tok.vocab_size)
   sched = Scheduler(Engine(params, config, ec), tok, max_queue=4).start()
   try:
