@@ -2,6 +2,7 @@ r"""OpenAI-compatible server for an InternLM2 checkpoint (like `lmdeploy serve a
 
   python experiments/serve.py --checkpoint=HF_OR_PARAMS_DIR [--port=23333] [--tensor=2] [--max_slots=32]
   python experiments/serve.py --checkpoint=BASE_DIR --adapter=WORKDIR/adapter   # a LoRA fine-tune, merged at start
+  python experiments/serve.py --checkpoint=BASE_DIR --adapters=sql=A/adapter,chat=B/adapter   # several, per request
   python experiments/serve.py --preset=tiny --tokenizer=tok.model      # random weights, for smoke tests
 
 Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions and GET /metrics
@@ -28,6 +29,8 @@ _PRESET = flags.DEFINE_string("preset", None, "Serve random weights of this pres
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "sentencepiece model; default CHECKPOINT/tokenizer.model.")
 _ADAPTER = flags.DEFINE_string("adapter", None, "PEFT LoRA adapter folder (experiments/finetune.py's WORKDIR/adapter) "
                                "merged into the base at start-up, before --dtype and --quant.")
+_ADAPTERS = flags.DEFINE_list("adapters", [], "LoRA adapters served beside the base, NAME=DIR items (LMDeploy's "
+                               "--adapters): a request's `model` NAME decodes with that adapter, batched with the rest.")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Name clients pass as `model`; default the folder name (the "
                                   "--adapter folder's with an adapter).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
@@ -73,6 +76,8 @@ def main(argv):
     mesh = loading.serving_mesh(_TENSOR.value)
     config, params = loading.load_model(checkpoint, preset=_PRESET.value, mesh=mesh, dtype=_DTYPE.value,
                                         quant=_QUANT.value, adapter=_ADAPTER.value)
+    adapter_names, adapters = loading.load_served_adapters(_ADAPTERS.value, config,
+                                                           base=checkpoint or f"preset {_PRESET.value}", mesh=mesh)
   except (OSError, ValueError) as e:  # a busy port; a missing tokenizer or preset; a malformed checkpoint
     sys.exit(f"error: {e}")
   ec = EngineConfig(max_slots=_MAX_SLOTS.value, max_seq_len=_MAX_SEQ_LEN.value, page_size=_PAGE_SIZE.value,
@@ -80,13 +85,16 @@ def main(argv):
                     steps_per_call=_STEPS.value, prefix_caching=not _NO_PREFIX_CACHE.value,
                     sample_vocab=min(tokenizer.vocab_size, config.vocab_size))
   engine = loading.build_engine(config, params, ec, mesh=mesh, tensor=_TENSOR.value,
-                                kv_fraction=_KV_FRACTION.value)
+                                kv_fraction=_KV_FRACTION.value, adapters=adapters)
   scheduler = Scheduler(engine, tokenizer, max_queue=_MAX_QUEUE.value).start()
   name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_ADAPTER.value or checkpoint or _PRESET.value))
-  logging.info("serving %s on http://%s:%d/v1", name, _HOST.value, _PORT.value)
+  if name in adapter_names:
+    scheduler.stop()
+    sys.exit(f"error: --adapters name {name!r} is the base model's name too; pick another (or --model_name)")
+  logging.info("serving %s on http://%s:%d/v1", ", ".join((name,) + adapter_names), _HOST.value, _PORT.value)
   try:
-    uvicorn.run(create_app(scheduler, tokenizer, name, metrics=_METRICS.value), host=_HOST.value, port=_PORT.value,
-                log_level="info")
+    uvicorn.run(create_app(scheduler, tokenizer, name, metrics=_METRICS.value, adapter_names=adapter_names),
+                host=_HOST.value, port=_PORT.value, log_level="info")
   finally:
     scheduler.stop()
 

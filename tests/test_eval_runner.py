@@ -157,7 +157,13 @@ def test_report_reads_a_metrics_file_with_a_torn_last_line(tmp_path):
   spec = importlib.util.spec_from_file_location(
       "report_script", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "report.py"))
   report = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(report)
+  from absl import flags
+  before = set(flags.FLAGS)
+  try:
+    spec.loader.exec_module(report)
+  finally:  # its flags go again: another test in this process may load a script defining --workdir too
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 2.5}\n\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')  # killed mid-write
   assert [r["step"] for r in report._read_jsonl(str(path))] == [1, 2]

@@ -317,10 +317,18 @@ def test_serve_script_reports_a_busy_port_in_one_line(setup, tmp_path):
 
 
 @functools.cache
-def _chat_script():  # loaded once: its absl flags can be defined only once per process
+def _chat_script():
+  """chat.py's functions; its absl flags are removed again (chat_loop takes its arguments), so that other tests in
+  this process can load scripts that define the same flag names."""
+  from absl import flags
+  before = set(flags.FLAGS)
   spec = importlib.util.spec_from_file_location("chat_script", os.path.join(ROOT, "experiments", "chat.py"))
   chat = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(chat)
+  try:
+    spec.loader.exec_module(chat)
+  finally:
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
   return chat
 
 

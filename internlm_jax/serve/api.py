@@ -38,7 +38,10 @@ from internlm_jax.tokenizer import ACTION_END, ACTION_START, PLUGIN, TokenizerEr
 log = logging.getLogger(__name__)
 
 
-def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: bool = True) -> FastAPI:
+def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: bool = True,
+               adapter_names: tuple[str, ...] = ()) -> FastAPI:
+  """`adapter_names`: the names of the LoRA adapters the engine serves beside the base (Engine(adapters=...), in
+  that order); a request's `model` picks one of them or the base (`model_name`)."""
   app = FastAPI(title="internlm_jax", description="OpenAI-compatible InternLM2 server")
   engine = scheduler.engine
   server_metrics = ServerMetrics(scheduler) if metrics else None
@@ -81,10 +84,15 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
     return JSONResponse(P.error_body(f"internal error: {type(exc).__name__}", type="internal_error"),
                         status_code=500)
 
-  def check_model(name: str) -> None:
-    if name != model_name:
-      raise P.APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
-                       type="not_found_error", param="model", code="model_not_found")
+  served = {model_name: 0, **{name: j + 1 for j, name in enumerate(adapter_names)}}
+
+  def check_model(name: str) -> int:
+    """The adapter a model name selects (0: the base); 404 for a name this server does not serve."""
+    if name not in served:
+      raise P.APIError(404, f"model {name!r} does not exist; this server serves "
+                       f"{', '.join(repr(n) for n in served)}", type="not_found_error", param="model",
+                       code="model_not_found")
+    return served[name]
 
   def max_tokens_for(req, prompt_len: int, default: int | None) -> int:
     value = req.max_tokens if req.max_tokens is not None else default
@@ -117,22 +125,23 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
   async def health():
     return {"status": "ok", **scheduler.stats()}
 
-  def model_card():
-    return {"id": model_name, "object": "model", "created": created, "owned_by": "internlm_jax",
+  def model_card(name: str = model_name):
+    card = {"id": name, "object": "model", "created": created, "owned_by": "internlm_jax",
             "max_model_len": engine.max_seq_len}
+    return card if name == model_name else {**card, "parent": model_name}  # a LoRA adapter, as vLLM lists them
 
   @app.get("/v1/models")
   async def models():
-    return {"object": "list", "data": [model_card()]}
+    return {"object": "list", "data": [model_card(name) for name in served]}
 
   @app.get("/v1/models/{name:path}")  # openai's client.models.retrieve(); :path, as model ids may hold "/"
   async def model(name: str):
     check_model(name)
-    return model_card()
+    return model_card(name)
 
   @app.post("/v1/completions")
   async def completions(req: P.CompletionRequest, http: Request):
-    check_model(req.model)
+    adapter = check_model(req.model)
     req.check_supported()
     _check_unicode(req.prompt, "prompt")
     _check_unicode(req.stop, "stop")
@@ -155,7 +164,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
     # best_of ranks candidates by their tokens' logprobs, which the sampler reports only when asked for.
     logprobs = req.logprobs if req.logprobs is not None or m == n else 0
     params = req.sampling(max_tokens_for(req, longest, 16), logprobs, req.logprobs if scoring else None,
-                          grammar=await grammar_for(req))
+                          grammar=await grammar_for(req), adapter=adapter)
     batch = new_batch(http)
     batch.submit(prompts, params, m, param="prompt")
     rid = P.new_id("cmpl")
@@ -223,7 +232,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
 
   @app.post("/v1/chat/completions")
   async def chat(req: P.ChatRequest, http: Request):
-    check_model(req.model)
+    adapter = check_model(req.model)
     req.check_supported()
     for name in ("messages", "tools", "stop"):
       _check_unicode(getattr(req, name), name)
@@ -251,7 +260,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
     extra_stop = (tokenizer.special_id(ACTION_END),) if tools else ()
     grammar = await grammar_for(req, *forced_call) if forced_call else await grammar_for(req)
     params = req.sampling(max_tokens_for(req, len(prompt), None), n_top, extra_stop_ids=extra_stop,
-                          skip_special_tokens=False if tools else None, grammar=grammar)
+                          skip_special_tokens=False if tools else None, grammar=grammar, adapter=adapter)
     batch = new_batch(http)
     batch.submit([prompt], params, n)
     rid = P.new_id("chatcmpl")

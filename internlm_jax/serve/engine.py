@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internlm_jax.config import ModelConfig
+from internlm_jax.serve import adapters as adapters_lib
 from internlm_jax.serve import paged_model, sampling
 from internlm_jax.serve.kv_cache import (CacheFullError, PageAllocator, RequestTooLargeError,
                                          init_paged_cache, page_hashes, pages_for_budget)
@@ -48,7 +49,9 @@ class Engine:
   """Owns params, the paged cache pool and the page allocator; all methods run on one (scheduler) thread."""
 
   def __init__(self, params: dict[str, Any], config: ModelConfig, engine_config: EngineConfig = EngineConfig(),
-               *, mesh=None, rules: ShardingRules = DEFAULT_RULES):
+               *, mesh=None, rules: ShardingRules = DEFAULT_RULES, adapters: Sequence[tuple[Any, dict]] = ()):
+    """`adapters`: (LoraConfig, adapter tree) pairs (lora.load_adapter) served beside the base; a request picks
+    adapter j (1-based; 0 the base) by SamplingParams.adapter (adapters.py)."""
     ec = engine_config
     self.config, self.ec, self.mesh = config, ec, mesh
     self.rules = rules
@@ -69,6 +72,12 @@ class Engine:
     # Per-layer, [out, in] weights (paged_model.serving_params), placed on the mesh; the stacked params are not
     # kept, so the engine holds one copy of the weights.
     self.params = paged_model.serving_params(params, config, mesh, rules)
+    self.num_adapters = len(adapters)
+    if adapters:
+      stacks = adapters_lib.stack_adapters(config, adapters)
+      if mesh is not None:  # small: replicated on every device
+        stacks = jax.device_put(stacks, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+      self.params = adapters_lib.attach(self.params, stacks)
     self.allocator = PageAllocator(num_pages, ec.page_size, ec.max_slots, self.pages_per_seq, ec.prefix_caching)
     self._uploaded_version = -1
     # Slots that may be active on device: inserted with tokens to produce and not yet seen to stop or freed.
@@ -85,13 +94,14 @@ class Engine:
   def _ctx(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-  def _prefill_fn(self, params, cache, tokens, targets, start, n_valid, table, *, top_n):
+  def _prefill_fn(self, params, cache, tokens, targets, start, n_valid, table, adapter, *, top_n):
+    adapter = adapter if self.num_adapters else None
     if top_n is None:  # only the last token's logits: the output head runs on that position alone
       logits, cache = paged_model.prefill_chunk(params, cache, tokens, start, n_valid, table, config=self.config,
-                                                rules=self.rules, head_at=n_valid - 1)
+                                                rules=self.rules, head_at=n_valid - 1, adapter_id=adapter)
       return cache, logits[0, 0], None
     logits, cache = paged_model.prefill_chunk(params, cache, tokens, start, n_valid, table, config=self.config,
-                                              rules=self.rules)
+                                              rules=self.rules, adapter_id=adapter)
     logits = logits[0]  # [C, V]
     last = jnp.take(logits, n_valid - 1, axis=0)
     return cache, last, sampling.token_logprobs(logits, targets, max(top_n, 1))
@@ -118,7 +128,8 @@ class Engine:
                                                           sampling.MAX_LOGPROBS)
       logits, cache = paged_model.decode_step(params, cache, token, s.lengths, table, valid,
                                               config=self.config, rules=self.rules, mesh=self.mesh,
-                                              use_kernel=self.use_kernel)
+                                              use_kernel=self.use_kernel,
+                                              adapter_ids=s.adapter if self.num_adapters else None)
       stopped = jnp.any(token[:, None] == s.stop_ids, axis=-1)
       r = jnp.arange(token.shape[0])
       inc = valid.astype(jnp.int32)
@@ -164,7 +175,8 @@ class Engine:
         counts=jnp.zeros((B, V), jnp.int16), bias_ids=jnp.full((B, sampling.MAX_LOGIT_BIAS), -1, jnp.int32),
         bias_values=jnp.zeros((B, sampling.MAX_LOGIT_BIAS), jnp.float32),
         stop_ids=jnp.full((B, sampling.MAX_STOP_IDS), -1, jnp.int32),
-        allowed=jnp.full((B, self.mask_words), 0xFFFFFFFF, jnp.uint32), guided=zeros(bool))
+        allowed=jnp.full((B, self.mask_words), 0xFFFFFFFF, jnp.uint32), guided=zeros(bool),
+        adapter=zeros(jnp.int32))
     self._uploaded_version = self.allocator.version
     self._live[:] = False
     self._allowed[:] = 0xFFFFFFFF
@@ -183,11 +195,14 @@ class Engine:
     return min(self.max_seq_len, self.allocator.max_tokens_per_seq)
 
   # ---- JetStream contract -----------------------------------------------------------------------------------
-  def check_request(self, prompt: Sequence[int], max_tokens: int) -> None:
+  def check_request(self, prompt: Sequence[int], max_tokens: int, adapter: int = 0) -> None:
     """Raises RequestTooLargeError when a request can never be served: empty prompt, ids outside the vocabulary,
-    prompt + output past the context length or past what the page pool can hold for one sequence."""
+    prompt + output past the context length or past what the page pool can hold for one sequence, an adapter
+    this engine does not hold."""
     if len(prompt) == 0:
       raise RequestTooLargeError("the prompt is empty")
+    if not 0 <= int(adapter) <= self.num_adapters:
+      raise RequestTooLargeError(f"adapter {adapter} is not served (this engine holds {self.num_adapters})")
     V = self.config.vocab_size
     if any(not 0 <= int(t) < V for t in prompt):
       raise RequestTooLargeError(f"prompt token ids must lie in [0, {V})")
@@ -197,9 +212,10 @@ class Engine:
                                  f"the context length {self.max_seq_len}")
     self.allocator.check_fits(total)
 
-  def prefill(self, state: DecodeState, tokens: Sequence[int], *, prompt_logprobs: int | None = None
-              ) -> tuple[DecodeState, Prefix]:
-    """Writes the prompt's keys/values into newly taken pages (reusing cached prefix pages) -> Prefix.
+  def prefill(self, state: DecodeState, tokens: Sequence[int], *, prompt_logprobs: int | None = None,
+              adapter: int = 0) -> tuple[DecodeState, Prefix]:
+    """Writes the prompt's keys/values into newly taken pages (reusing cached prefix pages) -> Prefix. `adapter`:
+    the LoRA adapter the sequence runs with (0: the base); cached pages are shared only under the same one.
 
     Long prompts run in chunks of at most `prefill_chunk` tokens. With `prompt_logprobs` N every prompt token
     after the first is scored (so no prefix-cache hit is used). CacheFullError when the pool is short now.
@@ -211,7 +227,9 @@ class Engine:
     if any(not 0 <= t < self.config.vocab_size for t in tokens):
       raise RequestTooLargeError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
     alloc.check_fits(T + 1)
-    hashes = page_hashes(tokens, ps)
+    if not 0 <= adapter <= self.num_adapters:
+      raise RequestTooLargeError(f"adapter {adapter} is not served (0..{self.num_adapters})")
+    hashes = page_hashes(tokens, ps, salt=adapter)
     # At least the last prompt token is always computed: its logits give the first output token.
     shared = [] if prompt_logprobs is not None else alloc.match_prefix(hashes, (T - 1) // ps)
     try:
@@ -235,7 +253,8 @@ class Engine:
         table[:min(len(pages), ctx)] = pages[:ctx]
         with self._ctx():
           cache, last, lp = self._prefill(self.params, cache, jnp.asarray(chunk), jnp.asarray(targets),
-                                          jnp.int32(start), jnp.int32(n), jnp.asarray(table), top_n=prompt_logprobs)
+                                          jnp.int32(start), jnp.int32(n), jnp.asarray(table), jnp.int32(adapter),
+                                          top_n=prompt_logprobs)
         if lp is not None:
           lp = jax.device_get(lp)
           scored += [(float(lp[0][i]), lp[1][i, :prompt_logprobs].tolist(), lp[2][i, :prompt_logprobs].tolist())
@@ -279,7 +298,7 @@ class Engine:
                seed=np.uint32(seed % 2 ** 32), temperature=np.float32(params.temperature), top_k=np.int32(top_k),
                top_p=np.float32(params.top_p), min_p=np.float32(params.min_p),
                repetition_penalty=np.float32(params.repetition_penalty), want_top=np.bool_(bool(params.logprobs)),
-               seen=seen, stop_ids=stop_row, guided=np.bool_(allowed is not None),
+               seen=seen, stop_ids=stop_row, guided=np.bool_(allowed is not None), adapter=np.int32(params.adapter),
                allowed=(np.full((self.mask_words,), 0xFFFFFFFF, np.uint32) if allowed is None
                         else np.asarray(allowed, np.uint32).reshape(self.mask_words)),
                **sampling.penalty_rows(params, generated, V))

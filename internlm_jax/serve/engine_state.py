@@ -57,6 +57,7 @@ class SlotState:
   stop_ids: jax.Array  # [B, MAX_STOP_IDS] int32, -1 padded
   allowed: jax.Array  # [B, W] uint32 token bitmask of guided decoding (W = ceil(V / 32)); all ones when unguided
   guided: jax.Array  # [B] bool: the slot's logits are masked by `allowed`
+  adapter: jax.Array  # [B] int32: the slot's LoRA adapter (adapters.py; 0: the base model)
 
 
 @jax.tree_util.register_dataclass

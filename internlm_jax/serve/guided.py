@@ -116,6 +116,8 @@ def grammar_source(response_format: dict[str, Any] | None) -> str | None:
     regex = response_format.get("regex_schema")
     if not isinstance(regex, str) or not regex:
       raise GrammarError("response_format.regex_schema must be a non-empty regular expression string")
+    if (len(regex) - len(regex.rstrip("\\"))) % 2:  # llguidance would silently drop the dangling backslash
+      raise GrammarError("response_format.regex_schema ends in an unfinished escape (a lone trailing backslash)")
     return llg.LLMatcher.grammar_from_regex(regex)
   raise GrammarError(f"response_format type {kind!r} is not supported; use 'text', 'json_object', "
                      "'json_schema' or 'regex_schema'")
@@ -130,6 +132,9 @@ class Grammar:
     probe = llg.LLMatcher(lltokenizer, source, log_level=0)
     if probe.is_error():
       raise GrammarError(f"response_format does not compile: {_first_line(probe.get_error())}")
+    # Never consumes: every Guide starts as a copy of it (microseconds), not a recompile of the source
+    # (milliseconds, on the event loop's thread where Scheduler.submit makes the Request).
+    self._initial = probe
 
   def guide(self) -> "Guide":
     return Guide(self)
@@ -144,11 +149,13 @@ class Guide:
 
   def __init__(self, grammar: Grammar):
     self.grammar = grammar
-    self._matcher = _llguidance().LLMatcher(grammar.lltokenizer, grammar.source, log_level=0)
+    self._matcher = grammar._initial.deep_copy()
 
-  def mask(self) -> np.ndarray:
+  def mask(self, W: int | None = None) -> np.ndarray:
+    """`W`: the engine's words (ceil(model vocab / 32)); ids past the grammar's vocabulary are not allowed, so a
+    grammar compiled for the tokenizer's vocabulary (smaller than a padded model's) still fits the slot."""
     words = np.frombuffer(self._matcher.compute_bitmask(), np.uint32)
-    W = -(-self.grammar.vocab_size // 32)
+    W = W or -(-self.grammar.vocab_size // 32)
     out = np.zeros((W,), np.uint32)
     out[:min(W, words.size)] = words[:W]
     return out

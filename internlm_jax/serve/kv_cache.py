@@ -100,9 +100,10 @@ def init_paged_cache(config: ModelConfig, num_pages: int, page_size: int, kv_dty
   return PagedKVCache(k, v, ones(), ones())
 
 
-def page_hashes(tokens: Sequence[int], page_size: int) -> list[bytes]:
-  """Chained hash of each full page of `tokens`: page i's key covers tokens[: (i + 1) * page_size]."""
-  out, parent = [], b""
+def page_hashes(tokens: Sequence[int], page_size: int, salt: int = 0) -> list[bytes]:
+  """Chained hash of each full page of `tokens`: page i's key covers tokens[: (i + 1) * page_size]. A nonzero
+  `salt` (the LoRA adapter a sequence runs with: its keys and values differ) starts another chain."""
+  out, parent = [], (b"" if not salt else b"adapter:%d" % salt)
   arr = np.asarray(tokens, np.int64)
   for i in range(len(arr) // page_size):
     parent = hashlib.blake2b(parent + arr[i * page_size:(i + 1) * page_size].tobytes(), digest_size=16).digest()

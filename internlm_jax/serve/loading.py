@@ -129,8 +129,26 @@ def host_available_bytes() -> int | None:
   return None
 
 
+def load_served_adapters(specs, config: ModelConfig, *, base: str, mesh=None) -> tuple[tuple[str, ...], list]:
+  """`--adapters` items "NAME=DIR" (LMDeploy's form) -> (names, [(LoraConfig, adapter tree)]) for
+  Engine(adapters=...): each folder checked against the base first (lora_io), names unique and non-empty."""
+  from internlm_jax.lora import load_adapter  # noqa: PLC0415
+  names, loaded = [], []
+  for spec in specs:
+    name, sep, path = str(spec).partition("=")
+    if not sep or not name or not path:
+      raise ValueError(f"--adapters item {spec!r}: expected NAME=DIR (e.g. sql=runs/lora_sql/adapter)")
+    if name in names:
+      raise ValueError(f"--adapters names {name!r} twice")
+    lora_io.check_adapter_folder(path, config, base=base)
+    names.append(name)
+    loaded.append(load_adapter(path, config, mesh=mesh))
+    log.info("serving LoRA adapter %s as model %r (rank %d)", path, name, loaded[-1][0].rank)
+  return tuple(names), loaded
+
+
 def build_engine(config: ModelConfig, params, engine_config: EngineConfig, *, mesh=None, tensor: int = 1,
-                 kv_fraction: float = 0.8) -> Engine:
+                 kv_fraction: float = 0.8, adapters=()) -> Engine:
   ec = engine_config
   if ec.num_pages is None and ec.kv_budget_bytes is None:
     budget = kv_budget_bytes(kv_fraction, tensor)
@@ -139,7 +157,7 @@ def build_engine(config: ModelConfig, params, engine_config: EngineConfig, *, me
       full = ec.max_slots * -(-max_len // ec.page_size) + 1
       per_page = bytes_per_page(config, ec.page_size, ec.kv_dtype)
       ec = dataclasses.replace(ec, num_pages=max(2, min(full, budget // per_page)))
-  engine = Engine(params, config, ec, mesh=mesh)
+  engine = Engine(params, config, ec, mesh=mesh, adapters=adapters)
   alloc = engine.allocator
   log.info("KV cache: %d pages of %d tokens (%.2f GiB), %d slots, context %d", alloc.num_pages, ec.page_size,
            alloc.num_pages * bytes_per_page(config, ec.page_size, ec.kv_dtype) / 2**30, ec.max_slots,

@@ -43,6 +43,7 @@ from internlm_jax.model import _embed
 from internlm_jax.native import decode_attention as native_attention
 from internlm_jax.native import fmatmul, qmatmul
 from internlm_jax.quant import QArray
+from internlm_jax.serve import adapters as adapters_lib
 from internlm_jax.serve.kv_cache import SCRATCH_PAGE, PagedKVCache
 from internlm_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 from kernels.paged_attention_reference import paged_attention_reference, quantize_kv
@@ -165,12 +166,14 @@ def linear(x, w, dtype):
   return jnp.einsum("...i,oi->...o", x, w.astype(dtype))
 
 
-def _qkv(x, layer, config: ModelConfig, cos, sin, rules):
-  """Pre-norm and fused projection, then rope: q [B, T, K, G, D], k and v [B, T, K, D]."""
+def _qkv(x, layer, config: ModelConfig, cos, sin, rules, route=None):
+  """Pre-norm and fused projection, then rope: q [B, T, K, G, D], k and v [B, T, K, D]. `route` [B, 1, R]: each
+  row's LoRA adapter (adapters.py), with the stacked adapters in layer["lora"]."""
   dtype = jnp.dtype(config.dtype)
   G, K, D = config.q_per_kv, config.num_kv_heads, config.head_dim
   h = layers.rms_norm(x, layer["attention_norm"], config.rms_norm_eps)
-  qkv = linear(h, layer["wqkv"], dtype).reshape(*h.shape[:2], K, G + 2, D)
+  qkv = adapters_lib.add_delta(linear(h, layer["wqkv"], dtype), h, layer.get("lora", {}), "wqkv", route)
+  qkv = qkv.reshape(*h.shape[:2], K, G + 2, D)
   q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
   q = layers.apply_rope(q, cos, sin)
   k = layers.apply_rope(k, cos, sin)
@@ -178,25 +181,28 @@ def _qkv(x, layer, config: ModelConfig, cos, sin, rules):
   return q, k, v
 
 
-def _finish(x, out, layer, config: ModelConfig, rules):
+def _finish(x, out, layer, config: ModelConfig, rules, route=None):
   """Output projection of attention `out` [B, T, H, D], residual, then the SwiGLU half of the block."""
   dtype = jnp.dtype(config.dtype)
-  mm = functools.partial(linear, dtype=dtype)
-  x = x + mm(out.reshape(*out.shape[:2], -1), layer["wo"])
+  pairs = layer.get("lora", {})
+  mm = lambda v, name: adapters_lib.add_delta(linear(v, layer[name], dtype), v, pairs, name, route)
+  out = out.reshape(*out.shape[:2], -1)
+  x = x + mm(out, "wo")
   x = constrain(x, ("batch", "seq", "embed"), rules)
   h = layers.rms_norm(x, layer["ffn_norm"], config.rms_norm_eps)
   h = constrain(h, ("batch", "seq", "embed"), rules)
   if "w13" in layer:
-    both = mm(h, layer["w13"])
-    gate, up = jnp.split(both, 2, axis=-1)
+    gate, up = jnp.split(linear(h, layer["w13"], dtype), 2, axis=-1)
+    gate = adapters_lib.add_delta(gate, h, pairs, "w1", route)
+    up = adapters_lib.add_delta(up, h, pairs, "w3", route)
   else:
-    gate, up = mm(h, layer["w1"]), mm(h, layer["w3"])  # as layers.swiglu
+    gate, up = mm(h, "w1"), mm(h, "w3")  # as layers.swiglu
   hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(h.dtype)
-  x = x + mm(hidden, layer["w2"])
+  x = x + mm(hidden, "w2")
   return constrain(x, ("batch", "seq", "embed"), rules)
 
 
-def _head(params, x, config: ModelConfig, rules):
+def _head(params, x, config: ModelConfig, rules, route=None):
   x = layers.rms_norm(x, params["norm"], config.rms_norm_eps)
   if x.dtype == jnp.float32:
     logits = linear(x, params["output"], x.dtype)
@@ -204,6 +210,8 @@ def _head(params, x, config: ModelConfig, rules):
     ws = params["output"] if isinstance(params["output"], tuple) else (params["output"],)
     logits = jnp.concatenate([jnp.einsum("bte,ve->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
                               for w in ws], axis=-1)
+  if "lora_output" in params:
+    logits = adapters_lib.add_delta(logits, x, {"output": params["lora_output"]}, "output", route)
   return constrain(logits, ("batch", "seq", "vocab"), rules)
 
 
@@ -241,11 +249,12 @@ def _gather(cache: PagedKVCache, i: int, table, num_tokens, dtype):
 
 
 def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *, config: ModelConfig,
-                  rules: ShardingRules | None, head_at=None):
+                  rules: ShardingRules | None, head_at=None, adapter_id=None):
   """Appends one chunk of a sequence to its pages and returns (logits [1, C, V] float32, cache).
 
   With `head_at` (an int32 chunk index) the output head runs on that position only: logits [1, 1, V]. The head
   is a quarter of a ~125M model's prefill FLOPs, and serving needs only the last prompt token's logits.
+  `adapter_id` (int32; 0 the base) picks a LoRA adapter when params carry stacked ones (adapters.attach).
 
   `params` are in the serving layout (`serving_params`). Queries see every earlier position of the sequence (cached prefix pages, earlier chunks) and the chunk itself
   causally. The dynamic-NTK base follows the length reached at the end of the chunk, as the dense cache does.
@@ -267,17 +276,18 @@ def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *,
   long_context = table.shape[0] * ps > 2048
   impl = "blockwise" if config.attention_impl == "blockwise" or long_context else "xla"
   options = {"block_size": config.attention_block_size} if impl == "blockwise" else {}
+  route = adapters_lib.route(params, None if adapter_id is None else jnp.reshape(adapter_id, (1,)), dtype)
   x = _embed(params, tokens, config, rules)
   for i in range(config.num_layers):
     layer = params["layers"][i]
-    q, k, v = _qkv(x, layer, config, cos, sin, rules)
+    q, k, v = _qkv(x, layer, config, cos, sin, rules, route)
     cache = _write(cache, i, k[0], v[0], page_ids, offsets)
     kc, vc = _gather(cache, i, table, end, dtype)
     out = attention_lib.attend(q, kc, vc, positions, impl=impl, **options)
-    x = _finish(x, out.reshape(1, C, config.num_heads, config.head_dim), layer, config, rules)
+    x = _finish(x, out.reshape(1, C, config.num_heads, config.head_dim), layer, config, rules, route)
   if head_at is not None:
     x = jax.lax.dynamic_slice_in_dim(x, head_at, 1, axis=1)
-  return _head(params, x, config, rules), cache
+  return _head(params, x, config, rules, route), cache
 
 
 def _decode_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale, *, use_kernel: bool,
@@ -309,13 +319,14 @@ def decode_attention(q, cache: PagedKVCache, i: int, table, lengths, *, use_kern
 
 
 def decode_step(params, cache: PagedKVCache, tokens, lengths, page_table, active, *, config: ModelConfig,
-                rules: ShardingRules | None, mesh=None, use_kernel: bool = False):
+                rules: ShardingRules | None, mesh=None, use_kernel: bool = False, adapter_ids=None):
   """One token per slot: writes its key/value at position lengths[b] and returns (logits [B, V], cache).
 
   `params` are in the serving layout (`serving_params`). The page table may be narrower than pages_per_seq: it
   needs only the pages that hold each active slot's tokens, this step's included (attention reads all of them).
 
-  Inactive slots write to the scratch page and attend to nothing; their logits are meaningless.
+  Inactive slots write to the scratch page and attend to nothing; their logits are meaningless. `adapter_ids`
+  [B] int32 (0: the base) picks each slot's LoRA adapter when params carry stacked ones (adapters.attach).
   """
   chex.assert_rank([tokens, lengths, page_table, active], [1, 1, 2, 1])
   B = tokens.shape[0]
@@ -328,12 +339,13 @@ def decode_step(params, cache: PagedKVCache, tokens, lengths, page_table, active
   page_ids = jnp.where(active, page_table[rows, jnp.minimum(lengths // ps, page_table.shape[1] - 1)], SCRATCH_PAGE)
   offsets = jnp.where(active, lengths % ps, 0)
   attend_len = jnp.where(active, lengths + 1, 0)
+  route = adapters_lib.route(params, adapter_ids, jnp.dtype(config.dtype))
   x = _embed(params, tokens[:, None], config, rules)
   for i in range(config.num_layers):
     layer = params["layers"][i]
-    q, k, v = _qkv(x, layer, config, cos, sin, rules)
+    q, k, v = _qkv(x, layer, config, cos, sin, rules, route)
     cache = _write(cache, i, k[:, 0], v[:, 0], page_ids, offsets)
     q = q.reshape(B, config.num_heads, config.head_dim)
     out = decode_attention(q, cache, i, page_table, attend_len, use_kernel=use_kernel, mesh=mesh, rules=rules)
-    x = _finish(x, out.reshape(B, 1, config.num_heads, config.head_dim), layer, config, rules)
-  return _head(params, x, config, rules)[:, 0], cache
+    x = _finish(x, out.reshape(B, 1, config.num_heads, config.head_dim), layer, config, rules, route)
+  return _head(params, x, config, rules, route)[:, 0], cache

@@ -100,7 +100,7 @@ class _Common(_Strict):
 
   def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                extra_stop_ids: tuple[int, ...] = (), skip_special_tokens: bool | None = None,
-               grammar: Any = None) -> SamplingParams:
+               grammar: Any = None, adapter: int = 0) -> SamplingParams:
     stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
@@ -109,7 +109,7 @@ class _Common(_Strict):
         frequency_penalty=self.frequency_penalty or 0.0,
         logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()), stop=stop,
         stop_token_ids=tuple(self.stop_token_ids or ()) + extra_stop_ids, ignore_eos=self.ignore_eos,
-        seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar,
+        seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar, adapter=adapter,
         skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
 
 

@@ -61,6 +61,7 @@ class SamplingParams:
   prompt_logprobs: int | None = None
   skip_special_tokens: bool = True
   grammar: Any = None  # guided.Grammar (response_format): tokens outside it are masked off
+  adapter: int = 0  # the served LoRA adapter (1-based, Engine(adapters=...)); 0: the base model
 
   def __post_init__(self):
     bias = self.logit_bias

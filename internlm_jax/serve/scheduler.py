@@ -159,7 +159,7 @@ class Scheduler:
     # Ids past sample_vocab (a padded model vocabulary) are never sampled: a bias or stop id there would be inert.
     params = params.validate(getattr(self.engine.ec, "sample_vocab", None) or self.engine.config.vocab_size)
     stop_ids = params.stop_ids(self.default_stop_ids)
-    self.engine.check_request(prompt, params.max_tokens)
+    self.engine.check_request(prompt, params.max_tokens, params.adapter)
     events: queue.Queue = queue.Queue()
     request = Request(prompt, params, stop_ids, sink or events.put,
                       TextStream(self.tokenizer, params.stop, params.skip_special_tokens))
@@ -268,7 +268,8 @@ class Scheduler:
         # Headroom of a page per running sequence, so admitting does not just preempt someone next step.
         if self._running and alloc.num_available < alloc.pages_for(len(resume)) + len(self._running):
           raise CacheFullError("keeping headroom for running requests")
-        self._state, prefix = self.engine.prefill(self._state, resume, prompt_logprobs=want_lp)
+        self._state, prefix = self.engine.prefill(self._state, resume, prompt_logprobs=want_lp,
+                                                  adapter=request.params.adapter)
         self.timings["prefills"] += 1
         self.timings["prefill_tokens"] += len(resume)
       except CacheFullError:
@@ -293,7 +294,7 @@ class Scheduler:
                                      for i, (lp, ids, lps) in enumerate(prefix.prompt_logprobs)]
       self._state = self.engine.insert(prefix, self._state, slot, request.params, request.stop_ids,
                                        seed=request.seed, generated=request.output,
-                                       allowed=request.guide.mask() if request.guide is not None else None)
+                                       allowed=request.guide.mask(self.engine.mask_words) if request.guide else None)
       budget -= len(resume) - prefix.cached_tokens
       if request.params.max_tokens <= len(request.output):  # e.g. max_tokens=0: scoring the prompt only
         self._release_slot(request)
@@ -377,7 +378,7 @@ class Scheduler:
         self._release_slot(request)
         self._finish(request, reason, error=error)
       elif request.guide is not None:
-        masks[slot] = request.guide.mask()
+        masks[slot] = request.guide.mask(self.engine.mask_words)
     self._state = self.engine.set_allowed(self._state, masks)
 
   def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
