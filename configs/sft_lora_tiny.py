@@ -57,7 +57,8 @@ def get_config():
   c.dpo = config_dict.ConfigDict(dict(beta=0.1, label_smoothing=0.0))
 
   c.optimizer = config_dict.ConfigDict(dict(learning_rate=3e-4, min_lr_ratio=0.1, warmup_steps=20, b1=0.9,
-                                            b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+                                            b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+                                            moments="float32"))  # "int8": 8-bit AdamW moments (train/adam8bit)
 
   c.data = config_dict.ConfigDict()
   c.data.source = "shakespeare"   # or "files": data.train_paths / data.eval_paths (.jsonl)

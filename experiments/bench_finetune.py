@@ -13,6 +13,8 @@ aliased to donated inputs; it is what the step needs resident, independent of al
          embedding and output head too (--qlora_targets), which the loss reads row by row and one vocabulary chunk
          at a time (train.finetune_step.base_cross_entropy_sums). --qlora_ranks adds runs at other ranks
          (qlora_r16 ...): XTuner's r64 on a 7B model (hidden 4096) is r16 here by adapter share r / hidden.
+--moments=int8 measures every method with 8-bit AdamW moments instead (train/adam8bit.py; OptimizerConfig.moments),
+named with an `_adam8bit` suffix (qlora_adam8bit_bytes_per_param, ...); --moments=float32,int8 measures both.
 Attention is --attention_impl with --attention_block_size for every method (default blockwise, 128: memory O(T),
 as the flash / SDPA attention XTuner runs with; "xla" materializes [B, H, T, T] scores).
 Bytes per parameter divide by the base model's parameter count. Times are medians of --steps steps after two
@@ -45,6 +47,8 @@ QLORA_TARGETS = flags.DEFINE_list("qlora_targets", ["embed", "wqkv", "wo", "w1",
 METHODS = flags.DEFINE_list("methods", ["full", "lora", "qlora"], "methods to measure")
 DOUBLE_QUANT = flags.DEFINE_bool("double_quant", True, "QLoRA: int8 NF4 scales with a float32 step per 256 blocks")
 QLORA_RANKS = flags.DEFINE_list("qlora_ranks", ["16"], "QLoRA: extra ranks measured besides --rank (as qlora_rN)")
+MOMENTS = flags.DEFINE_list("moments", ["float32"], "AdamW moments to measure each method with: float32 (the "
+                            "plain names) and/or int8 (8-bit block-wise, names suffixed _adam8bit)")
 ATTENTION = flags.DEFINE_string("attention_impl", "blockwise", "attention for every method (model.attention_impl)")
 ATTENTION_BLOCK = flags.DEFINE_integer("attention_block_size", 128, "kv block of blockwise attention")
 
@@ -86,7 +90,7 @@ def _median_seconds(call, steps: int) -> float:
   return median_seconds(lambda: jax.block_until_ready(call()), steps, warmup=2)
 
 
-def measure(method: str, config, batch, rank: int) -> dict:
+def measure(method: str, config, batch, rank: int, moments: str = "float32", base_bar: bool = True) -> dict:
   import jax
   import jax.numpy as jnp
   from internlm_jax.lora import LoraConfig, init_lora
@@ -96,7 +100,8 @@ def measure(method: str, config, batch, rank: int) -> dict:
   from internlm_jax.train.optimizer import OptimizerConfig, make_optimizer
   from internlm_jax.train.state import TrainState
   from internlm_jax.train.step import make_train_step
-  tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000, weight_decay=0.0))
+  tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000, weight_decay=0.0,
+                                      moments=moments))
   key = jax.random.key(0)
   if method == "full":
     params = init_params(config.replace(param_dtype="float32"), key)
@@ -130,7 +135,7 @@ def measure(method: str, config, batch, rank: int) -> dict:
     return metrics["loss"]
   result = {"memory": memory, "step_seconds": _median_seconds(call, STEPS.value),
             "trainable": sum(x.size for x in jax.tree.leaves(adapters))}
-  if method == "lora":
+  if method == "lora" and base_bar:
     from internlm_jax.train.step import cross_entropy_sums
     grad = jax.jit(jax.grad(lambda p, b: cross_entropy_sums(p, b, base_config)[0]))
     result["base_fwd_bwd_memory"] = _memory(grad, base, batch)
@@ -145,34 +150,43 @@ def main(argv):
   config = _config()
   batch = _batch(config)
   n = config.num_params()
+  if not MOMENTS.value or not set(MOMENTS.value) <= {"float32", "int8"}:
+    raise app.UsageError(f"--moments must list float32 and/or int8, got {MOMENTS.value}")
   runs = [(m, m, RANK.value) for m in METHODS.value]
   if "qlora" in METHODS.value:
     runs += [(f"qlora_r{r}", "qlora", int(r)) for r in QLORA_RANKS.value if int(r) != RANK.value]
-  results = {name: dict(measure(m, config, batch, rank), rank=rank) for name, m, rank in runs}
+  suffix = {"float32": "", "int8": "_adam8bit"}
+  runs = [(name + suffix[mo], m, rank, mo) for mo in MOMENTS.value for name, m, rank in runs]
+  # The base forward + backward bar is measured once, with the first LoRA run.
+  bar = next((name for name, m, _, _ in runs if m == "lora"), None)
+  results = {name: dict(measure(m, config, batch, rank, mo, base_bar=name == bar), rank=rank, moments=mo)
+             for name, m, rank, mo in runs}
   out = {"machine": jax.devices()[0].device_kind, "backend": jax.default_backend(), "preset": PRESET.value,
          "params": n, "seq_len": SEQ.value, "batch": BATCH.value, "dtype": config.dtype,
          "base_dtype": BASE_DTYPE.value, "remat_policy": REMAT.value, "rank": RANK.value,
          "targets": TARGETS.value, "qlora_targets": QLORA_TARGETS.value, "double_quant": DOUBLE_QUANT.value,
-         "attention_impl": ATTENTION.value, "attention_block_size": ATTENTION_BLOCK.value, "methods": results}
+         "attention_impl": ATTENTION.value, "attention_block_size": ATTENTION_BLOCK.value,
+         "moments": MOMENTS.value, "methods": results}
   for m, r in results.items():
     out[f"{m}_bytes_per_param"] = r["memory"]["peak"] / n
     out[f"{m}_step_seconds"] = r["step_seconds"]
-  if "lora" in results:
-    out["base_fwd_bwd_seconds"] = results["lora"]["base_fwd_bwd_seconds"]
-    out["lora_step_vs_base"] = results["lora"]["step_seconds"] / results["lora"]["base_fwd_bwd_seconds"]
-  ref = results.get("full")
+  if bar is not None:  # "lora", or "lora_adam8bit" when only int8 moments were asked for
+    out["base_fwd_bwd_seconds"] = results[bar]["base_fwd_bwd_seconds"]
+    out[f"{bar}_step_vs_base"] = results[bar]["step_seconds"] / out["base_fwd_bwd_seconds"]
+  ref = results.get("full") or results.get("full_adam8bit")
   print(f"\n{PRESET.value} ({n / 1e6:.1f}M params), batch {BATCH.value} x seq {SEQ.value}, {config.dtype} compute, "
         f"remat {REMAT.value}, attention {ATTENTION.value}/{ATTENTION_BLOCK.value}, {out['machine']}")
-  print(f"  {'method':<10}{'peak MiB':>10}{'B/param':>9}{'args MiB':>10}{'temp MiB':>10}{'step s':>9}"
+  width = max(10, max(len(m) for m in results) + 2)
+  print(f"  {'method':<{width}}{'peak MiB':>10}{'B/param':>9}{'args MiB':>10}{'temp MiB':>10}{'step s':>9}"
         f"{'mem vs full':>12}{'time vs full':>13}{'trainable':>12}")
   for m, r in results.items():
     mem, t = r["memory"], r["step_seconds"]
     rel_mem = f"{mem['peak'] / ref['memory']['peak']:.2f}x" if ref else "-"
     rel_t = f"{t / ref['step_seconds']:.2f}x" if ref else "-"
-    print(f"  {m:<10}{mem['peak'] / 2**20:>10.1f}{mem['peak'] / n:>9.2f}{mem['argument'] / 2**20:>10.1f}"
+    print(f"  {m:<{width}}{mem['peak'] / 2**20:>10.1f}{mem['peak'] / n:>9.2f}{mem['argument'] / 2**20:>10.1f}"
           f"{mem['temp'] / 2**20:>10.1f}{t:>9.3f}{rel_mem:>12}{rel_t:>13}{r['trainable']:>12,}")
-  if "lora_step_vs_base" in out:
-    print(f"  LoRA step / base forward+backward: {out['lora_step_vs_base']:.2f}x "
+  if bar is not None:
+    print(f"  {bar} step / base forward+backward: {out[f'{bar}_step_vs_base']:.2f}x "
           f"({out['base_fwd_bwd_seconds']:.3f} s)")
   for m, r in results.items():
     if m.startswith("qlora"):

@@ -77,6 +77,10 @@ def validate(cfg) -> None:
     raise ConfigError(f"config.qlora.kind must be one of {KINDS}, got {cfg.qlora.kind!r}")
   if cfg.method == "qlora" and not set(split_list(cfg.qlora.targets)) <= set(QUANT_TARGETS):
     raise ConfigError(f"config.qlora.targets must be names from {list(QUANT_TARGETS)}, got {cfg.qlora.targets!r}")
+  try:  # e.g. optimizer.moments, checked here rather than after the base is loaded
+    OptimizerConfig(total_steps=cfg.steps, **dict(cfg.optimizer))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.optimizer: {e}") from None
   if cfg.method == "dpo" and cfg.dpo.beta <= 0:
     raise ConfigError(f"config.dpo.beta must be positive, got {cfg.dpo.beta}")
   if cfg.data.source not in ("shakespeare", "files"):
