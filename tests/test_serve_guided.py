@@ -142,3 +142,24 @@ def test_text_format_is_plain_decoding(setup):
   a = _chat(client, temperature=0.0, max_tokens=8)
   b = _chat(client, temperature=0.0, max_tokens=8, response_format={"type": "text"})
   assert a.json()["choices"][0]["message"] == b.json()["choices"][0]["message"]
+
+
+def test_strict_decides_unsupported_keywords(setup):
+  schema = {"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": True, "maxItems": 2}
+  lax = _chat(setup[0], response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+              temperature=0.0)
+  assert lax.status_code == 200, lax.text
+  assert set(json.loads(lax.json()["choices"][0]["message"]["content"])) <= {"a", "b"}
+  strict = _chat(setup[0], response_format={"type": "json_schema",
+                                            "json_schema": {"name": "s", "schema": schema, "strict": True}})
+  assert strict.status_code == 400 and "uniqueItems" in strict.json()["error"]["message"]
+
+
+def test_grammar_end_token_ends_even_with_ignore_eos(setup):
+  _, sched, tok, _ = setup
+  grammar = guided.compile_response_format({"type": "regex_schema", "regex_schema": "(ab|abab)"}, tok,
+                                           sched.engine.config.vocab_size)
+  for seed in range(4):
+    done = sched.generate(tok.encode("The"), SamplingParams(max_tokens=12, temperature=1.0, seed=seed,
+                                                             ignore_eos=True, grammar=grammar), timeout=60)
+    assert done.text in ("ab", "abab") and not set(done.token_ids) & set(tok.stop_token_ids), done

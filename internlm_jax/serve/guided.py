@@ -106,10 +106,13 @@ def grammar_source(response_format: dict[str, Any] | None) -> str | None:
     if not isinstance(spec, dict):
       raise GrammarError("response_format.json_schema must be an object {'name': ..., 'schema': {...}}")
     schema = spec.get("schema", {})
+    # OpenAI's `strict`: every keyword enforced, or a 400 naming the one that cannot be. Without it, keywords the
+    # grammar cannot express (uniqueItems, say) are left to the model, as lenient validators do.
+    options = _JSON_OPTIONS if spec.get("strict") else {**_JSON_OPTIONS, "lenient": True}
     if not isinstance(schema, (dict, bool)):
       raise GrammarError("response_format.json_schema.schema must be a JSON Schema object")
     try:
-      return llg.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+      return llg.LLMatcher.grammar_from_json_schema(schema, defaults=options)
     except ValueError as e:
       raise GrammarError(f"response_format.json_schema.schema: {e}") from None
   if kind == "regex_schema":
@@ -135,6 +138,7 @@ class Grammar:
     # Never consumes: every Guide starts as a copy of it (microseconds), not a recompile of the source
     # (milliseconds, on the event loop's thread where Scheduler.submit makes the Request).
     self._initial = probe
+    self.end_ids = frozenset(int(t) for t in lltokenizer.eos_tokens)
 
   def guide(self) -> "Guide":
     return Guide(self)
@@ -162,6 +166,10 @@ class Guide:
 
   def consume(self, token: int) -> bool:
     return self._matcher.consume_token(int(token))
+
+  def ends(self, token: int) -> bool:
+    """Whether `token` is one of the grammar's end tokens (the tokenizer's stop ids)."""
+    return int(token) in self.grammar.end_ids
 
   @property
   def done(self) -> bool:

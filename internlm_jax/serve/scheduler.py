@@ -353,8 +353,8 @@ class Scheduler:
         if not result.valid[j, slot]:
           continue
         token = int(result.tokens[j, slot])
-        if token in request.stop_ids:
-          reason = "stop"
+        if token in request.stop_ids or (request.guide is not None and request.guide.ends(token)):
+          reason = "stop"  # a grammar's end token ends it even under ignore_eos: nothing may follow it
           break
         n = want[slot]
         top = None if not n else list(zip(result.top_ids[j, slot, :n].tolist(),
