@@ -72,6 +72,10 @@ class Engine:
     # Per-layer, [out, in] weights (paged_model.serving_params), placed on the mesh; the stacked params are not
     # kept, so the engine holds one copy of the weights.
     self.params = paged_model.serving_params(params, config, mesh, rules)
+    # Calls with no adapter row run on these: the same arrays without the stacks, so the adapters' masked
+    # products are not computed for nothing (a second compiled variant, no second copy of the weights).
+    self._base_params = self.params
+    self._slot_adapter = np.zeros((ec.max_slots,), np.int32)  # host copy of slots.adapter
     self.num_adapters = len(adapters)
     if adapters:
       stacks = adapters_lib.stack_adapters(config, adapters)
@@ -179,7 +183,7 @@ class Engine:
         adapter=zeros(jnp.int32))
     self._uploaded_version = self.allocator.version
     self._live[:] = False
-    self._allowed[:] = 0xFFFFFFFF
+    self._allowed[:], self._slot_adapter[:] = 0xFFFFFFFF, 0
     return DecodeState(cache, slots, jnp.array(self.allocator.page_table, copy=True))
 
   def _sync_table(self, state: DecodeState) -> DecodeState:
@@ -252,7 +256,8 @@ class Engine:
         table = np.zeros((ctx,), np.int32)
         table[:min(len(pages), ctx)] = pages[:ctx]
         with self._ctx():
-          cache, last, lp = self._prefill(self.params, cache, jnp.asarray(chunk), jnp.asarray(targets),
+          cache, last, lp = self._prefill(self.params if adapter else self._base_params, cache,
+                                          jnp.asarray(chunk), jnp.asarray(targets),
                                           jnp.int32(start), jnp.int32(n), jnp.asarray(table), jnp.int32(adapter),
                                           top_n=prompt_logprobs)
         if lp is not None:
@@ -305,6 +310,7 @@ class Engine:
     prefix.pages = []  # the slot owns them now
     self._live[slot] = bool(row["active"])
     self._allowed[slot] = row["allowed"]
+    self._slot_adapter[slot] = params.adapter
     with self._ctx():
       slots = self._insert(state.slots, jnp.int32(slot), row)
     return dataclasses.replace(state, slots=slots)
@@ -327,7 +333,8 @@ class Engine:
     longest = int(self.allocator.lengths[live].max(initial=0)) + steps
     width = min(_next_pow2(self.allocator.pages_for(longest)), self.pages_per_seq)
     with self._ctx():
-      state, out = self._generate(self.params, state, jnp.asarray(rows), np.bool_(halt_on_finish),
+      params = self.params if self._slot_adapter[live].any() else self._base_params
+      state, out = self._generate(params, state, jnp.asarray(rows), np.bool_(halt_on_finish),
                                   np.int32(max_steps or steps), steps=steps, width=width)
     *out, active, ran = jax.device_get(out)
     self._live[rows] = active
@@ -361,10 +368,11 @@ class Engine:
     buckets = sorted({self._bucket_rows(np.arange(n)).size for n in range(1, B + 1)})
     state = self._sync_table(state)
     with self._ctx():
-      for width in widths:
-        for b in buckets:
-          state, out = self._generate(self.params, state, jnp.arange(b, dtype=jnp.int32), np.bool_(False),
-                                      np.int32(steps), steps=steps, width=width)
+      for params in {id(p): p for p in (self._base_params, self.params)}.values():
+        for width in widths:
+          for b in buckets:
+            state, out = self._generate(params, state, jnp.arange(b, dtype=jnp.int32), np.bool_(False),
+                                        np.int32(steps), steps=steps, width=width)
     jax.block_until_ready(out)
     return state
 
@@ -372,6 +380,7 @@ class Engine:
     """Ends a slot's sequence: its pages go back to the pool at once and it stops decoding."""
     self.allocator.free_slot(slot)
     self._live[slot] = False
+    self._slot_adapter[slot] = 0
     # The penalties and bias go back to "off" too: an idle slot still pads decode buckets, and a stale row would
     # keep their [b, V] passes (skipped by cond when no row asks) running for every later call.
     off = dict(active=np.bool_(False), remaining=np.int32(0), repetition_penalty=np.float32(1.0),
