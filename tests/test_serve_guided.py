@@ -126,6 +126,9 @@ def test_unguided_neighbours_keep_their_tokens(setup):
     ({"response_format": {"type": "json_schema"}}, "json_schema must be an object"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}}, "nope"),
     ({"response_format": {"type": "json_object", "schema": {}}}, "schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}}, "matches no text"),
+    ({"response_format": {"type": "regex_schema", "regex_schema": "[^\\x00-\\x{10FFFF}]"}}, "matches no text"),
+    ({"response_format": {"type": "regex_schema", "regex_schema": "a{1000000}"}}, "guided decoding"),
     ({"response_format": {"type": "json_object"}, "tool_choice": "required",
       "tools": [{"type": "function", "function": {"name": "f"}}]}, "cannot be combined"),
 ])
@@ -163,3 +166,9 @@ def test_grammar_end_token_ends_even_with_ignore_eos(setup):
     done = sched.generate(tok.encode("The"), SamplingParams(max_tokens=12, temperature=1.0, seed=seed,
                                                              ignore_eos=True, grammar=grammar), timeout=60)
     assert done.text in ("ab", "abab") and not set(done.token_ids) & set(tok.stop_token_ids), done
+
+
+def test_schema_true_is_any_json(setup):
+  r = _chat(setup[0], response_format={"type": "json_schema", "json_schema": {"name": "any", "schema": True}},
+            temperature=0.0, max_tokens=30)
+  assert r.status_code == 200, r.text

@@ -103,6 +103,9 @@ class Batch:
           continue
         if isinstance(event, Finished):
           self.open.discard(k)
+          if event.reason == "error" and (event.error or "").startswith("guided decoding:"):
+            # The request's grammar failed mid-way (a parser limit): the client's input, not a server fault.
+            raise P.APIError(400, f"response_format: {event.error}", param="response_format")
           if event.reason == "error":
             raise P.APIError(500, f"generation failed: {event.error}", type="internal_error")
         yield k, event

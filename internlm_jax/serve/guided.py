@@ -106,6 +106,7 @@ def grammar_source(response_format: dict[str, Any] | None) -> str | None:
     if not isinstance(spec, dict):
       raise GrammarError("response_format.json_schema must be an object {'name': ..., 'schema': {...}}")
     schema = spec.get("schema", {})
+    schema = {} if schema is True else schema  # JSON Schema's `true`: any JSON value
     # OpenAI's `strict`: every keyword enforced, or a 400 naming the one that cannot be. Without it, keywords the
     # grammar cannot express (uniqueItems, say) are left to the model, as lenient validators do.
     options = _JSON_OPTIONS if spec.get("strict") else {**_JSON_OPTIONS, "lenient": True}
@@ -133,8 +134,13 @@ class Grammar:
     llg = _llguidance()
     self.source, self.lltokenizer, self.vocab_size = source, lltokenizer, int(vocab_size)
     probe = llg.LLMatcher(lltokenizer, source, log_level=0)
+    probe.compute_bitmask()  # the lexer builds its first states lazily: a grammar past its limits fails here
+    if probe.is_error() and probe.get_error().startswith("NoExtension"):  # no token can start it
+      raise GrammarError("response_format matches no text at all")
     if probe.is_error():
       raise GrammarError(f"response_format does not compile: {_first_line(probe.get_error())}")
+    if probe.is_stopped() and not probe.is_accepting():
+      raise GrammarError("response_format matches no text at all")
     # Never consumes: every Guide starts as a copy of it (microseconds), not a recompile of the source
     # (milliseconds, on the event loop's thread where Scheduler.submit makes the Request).
     self._initial = probe
