@@ -133,3 +133,16 @@ def test_adapters_flag_items_are_checked(setup, tmp_path):
   for spec, needle in ((["x"], "NAME=DIR"), (["=a"], "NAME=DIR"), ([f"a={tmp_path}/none"], "no such folder")):
     with pytest.raises((ValueError, FileNotFoundError), match=needle):
       load_served_adapters(spec, config, base="b")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_adapters_equal_single_device(setup):
+  from internlm_jax import make_mesh
+  config, params, adapters, engine, _ = setup
+  mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+  sharded = Engine(params, config, EC, mesh=mesh, adapters=adapters)
+  prompt = list(range(3, 14))
+  want_firsts, want = _run(engine, [(prompt, 0), (prompt, 2), (prompt, 1)])
+  got_firsts, got = _run(sharded, [(prompt, 0), (prompt, 2), (prompt, 1)])
+  assert got == want
+  np.testing.assert_allclose(np.stack(got_firsts), np.stack(want_firsts), rtol=1e-4, atol=1e-4)

@@ -85,6 +85,14 @@ def attach(params: dict, stacks: dict) -> dict:
   return out
 
 
+def with_adapters(params: dict, config: ModelConfig, adapters: Sequence[tuple[LoraConfig, dict]], mesh=None) -> dict:
+  """Serving-layout params with `adapters` stacked and attached (replicated on every device of `mesh`: small)."""
+  stacks = stack_adapters(config, adapters)
+  if mesh is not None:
+    stacks = jax.device_put(stacks, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return attach(params, stacks)
+
+
 def route(params: dict, ids: jax.Array | None, dtype) -> jax.Array | None:
   """[rows, 1, R] routing mask of adapter ids [rows] (0: the base alone), or None when no adapter is served."""
   if ids is None or "lora_block" not in params:

@@ -72,16 +72,12 @@ class Engine:
     # Per-layer, [out, in] weights (paged_model.serving_params), placed on the mesh; the stacked params are not
     # kept, so the engine holds one copy of the weights.
     self.params = paged_model.serving_params(params, config, mesh, rules)
-    # Calls with no adapter row run on these: the same arrays without the stacks, so the adapters' masked
-    # products are not computed for nothing (a second compiled variant, no second copy of the weights).
-    self._base_params = self.params
+    # Calls with no adapter row run on the weights without the adapter stacks (no products computed for nothing;
+    # a second compiled variant, the same arrays).
+    self._base_params, self.num_adapters = self.params, len(adapters)
     self._slot_adapter = np.zeros((ec.max_slots,), np.int32)  # host copy of slots.adapter
-    self.num_adapters = len(adapters)
     if adapters:
-      stacks = adapters_lib.stack_adapters(config, adapters)
-      if mesh is not None:  # small: replicated on every device
-        stacks = jax.device_put(stacks, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-      self.params = adapters_lib.attach(self.params, stacks)
+      self.params = adapters_lib.with_adapters(self.params, config, adapters, mesh)
     self.allocator = PageAllocator(num_pages, ec.page_size, ec.max_slots, self.pages_per_seq, ec.prefix_caching)
     self._uploaded_version = -1
     # Slots that may be active on device: inserted with tokens to produce and not yet seen to stop or freed.
