@@ -205,3 +205,25 @@ def test_errors_map_to_client_exceptions(live, tok):
   assert e.value.code == "server_busy"
   # The live server is unharmed by all of the above.
   assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_structured_output_parses_with_the_clients_pydantic_helper(live):
+  """`client.chat.completions.parse(response_format=Model)`: the client sends the model's strict JSON schema and
+  parses the reply into the model; guided decoding makes the random tiny model's reply fit."""
+  import enum
+
+  import pydantic
+
+  class Color(str, enum.Enum):
+    red = "red"
+    green = "green"
+
+  class Answer(pydantic.BaseModel):
+    color: Color
+    sure: bool
+
+  client, _ = live
+  done = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Pick a color."}],
+                                       response_format=Answer, max_tokens=40, temperature=0.7, seed=1)
+  answer = done.choices[0].message.parsed
+  assert isinstance(answer, Answer) and done.choices[0].finish_reason == "stop"
