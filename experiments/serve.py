@@ -5,7 +5,8 @@ r"""OpenAI-compatible server for an InternLM2 checkpoint (like `lmdeploy serve a
   python experiments/serve.py --checkpoint=BASE_DIR --adapters=sql=A/adapter,chat=B/adapter   # several, per request
   python experiments/serve.py --preset=tiny --tokenizer=tok.model      # random weights, for smoke tests
 
-Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions and GET /metrics
+Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions, POST /v1/encode,
+GET /metrics
 (Prometheus; off with --nometrics) (see internlm_jax/serve/api.py). A full queue answers 429; the KV cache is
 sized once at start-up from --kv_cache_fraction of free device memory (on CPU: of the host's available memory;
 or --num_pages), so memory use never grows while serving.

@@ -357,3 +357,15 @@ def test_terminal_chat_survives_undecodable_input(setup):
   history = chat.chat_loop(sched, tok, SamplingParams(max_tokens=2, temperature=0.0), "", read_then_eof,
                            lambda text: None)
   assert history[0]["content"] == "caf? ok?" and history[1]["role"] == "assistant"
+
+
+def test_encode_counts_tokens_like_the_prompts(setup):
+  client, _, tok, _ = setup
+  one = client.post("/v1/encode", json={"input": "The quick brown fox"}).json()
+  assert one["input_ids"] == tok.encode("The quick brown fox", add_bos=True) and one["length"] == len(one["input_ids"])
+  many = client.post("/v1/encode", json={"input": ["a b", "c"], "add_bos": False}).json()
+  assert many["input_ids"] == [tok.encode("a b"), tok.encode("c")] and many["length"] == [len(tok.encode("a b")), 1]
+  chat = client.post("/v1/encode", json={"input": "Hi", "do_preprocess": True}).json()
+  assert chat["input_ids"] == tok.encode_chat([{"role": "user", "content": "Hi"}])
+  bad = client.post("/v1/encode", json={"input": 5})
+  assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("input")

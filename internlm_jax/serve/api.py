@@ -130,6 +130,22 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
             "max_model_len": engine.max_seq_len}
     return card if name == model_name else {**card, "parent": model_name}  # a LoRA adapter, as vLLM lists them
 
+  @app.post("/v1/encode")
+  async def encode(req: P.EncodeRequest):
+    """Token ids and counts of text, as LMDeploy's endpoint: clients size prompts against max_model_len."""
+    _check_unicode(req.input, "input")
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    try:
+      if req.do_preprocess:
+        ids = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+      else:
+        ids = [tokenizer.encode(t, add_bos=req.add_bos) for t in texts]
+    except (TokenizerError, ValueError) as e:
+      raise P.APIError(400, str(e), param="input") from None
+    if isinstance(req.input, str):
+      return {"input_ids": ids[0], "length": len(ids[0])}
+    return {"input_ids": ids, "length": [len(x) for x in ids]}
+
   @app.get("/v1/models")
   async def models():
     return {"object": "list", "data": [model_card(name) for name in served]}

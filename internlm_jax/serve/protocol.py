@@ -140,6 +140,14 @@ class NamedToolChoice(_Strict):
   function: FunctionName
 
 
+class EncodeRequest(_Strict):
+  """LMDeploy's /v1/encode: token ids of text (or of each text), with `do_preprocess` the text as one user turn
+  through the chat template (what a chat request's prompt would be)."""
+  input: Union[str, list[str]]
+  do_preprocess: bool = False
+  add_bos: bool = True
+
+
 class ChatRequest(_Common):
   messages: list[dict[str, Any]] = Field(min_length=1)
   tools: list[dict[str, Any]] | None = None
