@@ -173,6 +173,13 @@ class Guide:
   def consume(self, token: int) -> bool:
     return self._matcher.consume_token(int(token))
 
+  def advance(self, token: int) -> tuple[str, str | None] | None:
+    """Consumes a sampled token -> None to go on, ("stop", None) once the grammar is complete (only the stop
+    tokens could follow: the sequence ends without another step), ("error", message) if it failed."""
+    if self.consume(token) and not self.done:
+      return None
+    return ("error", f"guided decoding: {self.error}") if self.error else ("stop", None)
+
   def ends(self, token: int) -> bool:
     """Whether `token` is one of the grammar's end tokens (the tokenizer's stop ids)."""
     return int(token) in self.grammar.end_ids

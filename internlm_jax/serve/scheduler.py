@@ -361,10 +361,8 @@ class Scheduler:
                                           result.top_logprobs[j, slot, :n].tolist()))
         infos.append(TokenInfo(token, float(result.logprob[j, slot]) if n is not None else None, top))
         request.output.append(token)
-        guide = request.guide
-        if guide is not None and (not guide.consume(token) or guide.done):
-          # Complete (only the stop tokens would be allowed now): finish without another step.
-          reason, error = ("error", f"guided decoding: {guide.error}") if guide.error else ("stop", None)
+        if request.guide is not None and (end := request.guide.advance(token)):
+          reason, error = end  # complete (only stop tokens could follow), or failed
           break
         if len(request.output) >= request.params.max_tokens:
           reason = "length"
