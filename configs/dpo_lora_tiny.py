@@ -1,5 +1,7 @@
 """DPO with LoRA adapters on the pretrained tiny model: Shakespeare task pairs (gold answer chosen, a wrong option
-rejected), sigmoid loss with beta, the base (adapter off) as the reference model.
+rejected), sigmoid loss with beta, the base (adapter off) as the reference model. Other losses:
+--config.dpo.loss_type=ipo|hinge|robust (with the reference), or orpo (ORPO: no reference model, beta weighs the
+odds-ratio term against the chosen response's NLL).
 
   python experiments/finetune.py --config=configs/dpo_lora_tiny.py --workdir=DIR --config.base.checkpoint=BASE
   (files: --config.data.source=files --config.data.train_paths=pairs.jsonl with {"prompt", "chosen", "rejected"})
@@ -15,6 +17,7 @@ def get_config():
   c = sft_lora_tiny.get_config()
   c.method = "dpo"
   c.dpo.beta = 0.1
+  c.dpo.loss_type = "sigmoid"
   c.data.truncation = "skip"   # a pair is one sequence per side; too-long pairs are counted and skipped
   c.optimizer.learning_rate = 1e-3
   c.lora.loraplus_ratio = 1.0  # plain LoRA: the SFT demo's LoRA+ ratio was not tuned for DPO

@@ -99,5 +99,5 @@ def test_dpo_step_starts_at_log2_and_learns_the_preference(base):
 
 def test_dpo_rejects_bad_beta():
   tx = make_optimizer(OptimizerConfig())
-  with pytest.raises(ValueError, match="beta > 0"):
+  with pytest.raises(ValueError, match="beta must be positive"):
     make_dpo_step(CONFIG, LCFG, tx, beta=0.0)

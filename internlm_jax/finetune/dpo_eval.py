@@ -1,4 +1,5 @@
-"""Held-out evaluation of DPO: the training loss and reward metrics over every held-out preference pair.
+"""Held-out evaluation of DPO (every dpo.loss_type, ORPO too): the training loss and metrics over every held-out
+preference pair.
 
 The per-pair math is the training step's (train.dpo.dpo_sums through train.dpo.make_dpo_eval, so there is one
 definition of the loss); this module only walks the held-out pairs in order, in batches of the training batch
@@ -18,6 +19,8 @@ from internlm_jax.data.sft import make_batches
 # Per-pair means reported (as eval_NAME in metrics.jsonl), named as the training step's metrics.
 METRICS = ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "policy_chosen_logps",
            "policy_rejected_logps")
+# Also reported when the loss gives them (dpo.loss_type "orpo").
+ORPO_METRICS = ("nll_loss", "log_odds_chosen", "log_odds_rejected", "log_odds_ratio", "odds_ratio_loss")
 
 
 def evaluate_pairs(eval_fn, base, adapters, rows, batch_size: int, pad_id: int,
@@ -40,7 +43,8 @@ def evaluate_pairs(eval_fn, base, adapters, rows, batch_size: int, pad_id: int,
 
 def eval_record(metrics: dict) -> dict:
   """The metrics.jsonl fields of an evaluation, prefixed as the SFT loop's eval_loss: the means and eval_pairs."""
-  return {"eval_pairs": int(metrics["pairs"]), **{f"eval_{k}": float(metrics[k]) for k in METRICS}}
+  names = METRICS + tuple(k for k in ORPO_METRICS if k in metrics)
+  return {"eval_pairs": int(metrics["pairs"]), **{f"eval_{k}": float(metrics[k]) for k in names}}
 
 
 def zero_adapters(adapters):

@@ -6,7 +6,8 @@ resumes bit-exactly, and it writes WORKDIR/metrics.jsonl and WORKDIR/summary.jso
   full   every weight, with the pretraining step (train.step.make_train_step); the checkpoint holds the model.
   lora   adapters only (train.finetune_step); the base is an argument of the step, never in the checkpoint.
   qlora  as lora over a base quantized to NF4 or int8 (quant_nf4), dequantized layer by layer in the forward.
-  dpo    adapters with the sigmoid DPO loss (train.dpo); the frozen base (adapter off) is the reference.
+  dpo    adapters on preference pairs (train.dpo): dpo.loss_type sigmoid (DPO, the default), ipo, hinge or robust
+         with the frozen base (adapter off) as the reference, or orpo (reference-free: no reference forward).
 At the end: WORKDIR/hf (an HF InternLM2 folder of the fine-tuned model, adapters merged, with tokenizer.model)
 and WORKDIR/adapter (PEFT adapter folder). A QLoRA adapter is merged into the dequantized base, the weights it
 was trained against, so the HF folder computes exactly what was evaluated. Multiple-choice held-out records are
@@ -42,7 +43,7 @@ from internlm_jax.quant_nf4 import KINDS, QUANT_TARGETS, dequantize_params, quan
 from internlm_jax.sharding import DEFAULT_RULES, make_mesh
 from internlm_jax.tokenizer import Tokenizer
 from internlm_jax.train import metrics as metrics_lib
-from internlm_jax.train.dpo import make_dpo_eval, make_dpo_step
+from internlm_jax.train.dpo import make_dpo_eval, make_dpo_step, settings_error
 from internlm_jax.train.finetune_step import create_adapter_state, make_eval_loss, make_finetune_step
 from internlm_jax.train.loop import TrainingHalted, make_workdir
 from internlm_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -58,6 +59,12 @@ def lora_config_from(cfg) -> LoraConfig:
                       targets=tuple(split_list(cfg.lora.targets)))
   except LoraError as e:
     raise ConfigError(f"config.lora: {e}") from None
+
+
+def dpo_settings(cfg) -> dict:
+  """make_dpo_step's / make_dpo_eval's loss settings from config.dpo (loss_type defaults to sigmoid)."""
+  return dict(beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
+              loss_type=cfg.dpo.get("loss_type", "sigmoid"))
 
 
 def validate(cfg) -> None:
@@ -81,8 +88,8 @@ def validate(cfg) -> None:
     OptimizerConfig(total_steps=cfg.steps, **dict(cfg.optimizer))
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.optimizer: {e}") from None
-  if cfg.method == "dpo" and cfg.dpo.beta <= 0:
-    raise ConfigError(f"config.dpo.beta must be positive, got {cfg.dpo.beta}")
+  if cfg.method == "dpo" and (error := settings_error(**dpo_settings(cfg))):
+    raise ConfigError(f"config.dpo.{error}")
   if cfg.data.source not in ("shakespeare", "files"):
     raise ConfigError(f"config.data.source must be 'shakespeare' or 'files', got {cfg.data.source!r}")
   if cfg.data.source == "files" and not split_list(cfg.data.train_paths):
@@ -193,7 +200,7 @@ def run(cfg, workdir: str) -> dict:
     else:
       base_sharding = jax.tree.map(lambda x: x.sharding, base)
       make = make_dpo_step if cfg.method == "dpo" else make_finetune_step
-      extra = dict(beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing) if cfg.method == "dpo" else {}
+      extra = dpo_settings(cfg) if cfg.method == "dpo" else {}
       adapter_step = make(model, lcfg, tx, base_sharding=base_sharding, **common, **extra)
       step_fn = lambda s, b: adapter_step(s, base, b)
       model_params = lambda s: apply_lora(base, s.params, lcfg)
@@ -203,12 +210,11 @@ def run(cfg, workdir: str) -> dict:
     if data.eval_rows is None:
       evaluate = None
     elif cfg.method == "dpo":
-      pairs_fn = make_dpo_eval(model, lcfg, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
-                               grad_accum=cfg.grad_accum)
+      pairs_fn = make_dpo_eval(model, lcfg, grad_accum=cfg.grad_accum, **dpo_settings(cfg))
       eval_pairs = lambda adapters: dpo_eval.evaluate_pairs(pairs_fn, base, adapters, data.eval_rows,
                                                             cfg.batch_size, tokenizer.pad_id, put)
       evaluate = lambda s: dpo_eval.eval_record(eval_pairs(s.params))
-      if not stopping:  # the model at step 0 (adapter off): the reference itself, so loss log 2 and margin 0
+      if not stopping:  # the model at step 0 (adapter off): the reference itself, so margin 0 (sigmoid: log 2)
         pairs_before = eval_pairs(dpo_eval.zero_adapters(state.params))
     else:
       evaluate = lambda s: {"eval_loss": _eval_loss(eval_fn, eval_args(s), data.eval_rows, cfg, put)}
