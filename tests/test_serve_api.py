@@ -369,3 +369,15 @@ def test_encode_counts_tokens_like_the_prompts(setup):
   assert chat["input_ids"] == tok.encode_chat([{"role": "user", "content": "Hi"}])
   bad = client.post("/v1/encode", json={"input": 5})
   assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("input")
+
+
+def test_min_tokens_holds_off_eos(setup):
+  client, _, tok, _ = setup
+  body = {"model": MODEL, "prompt": "The", "max_tokens": 6, "temperature": 0.0,
+          "logit_bias": {str(tok.eos_id): 100}, "logprobs": 0}
+  at_once = client.post("/v1/completions", json=body).json()["choices"][0]
+  assert at_once["finish_reason"] == "stop" and at_once["logprobs"]["tokens"] == []  # EOS first: nothing
+  held = client.post("/v1/completions", json={**body, "min_tokens": 4}).json()["choices"][0]
+  assert held["finish_reason"] == "stop" and len(held["logprobs"]["tokens"]) == 4  # EOS as soon as allowed
+  bad = client.post("/v1/completions", json={**body, "min_tokens": 7})
+  assert bad.status_code == 400 and "min_tokens" in bad.json()["error"]["message"]

@@ -338,3 +338,17 @@ def test_bias_and_stop_ids_past_the_sampled_vocabulary_are_refused():
     with pytest.raises(SamplingError, match=r"\[0, 100\)"):
       sched.submit([1, 5], params)
   sched.submit([1, 5], SamplingParams(logit_bias={99: 5.0}))
+
+
+def test_min_tokens_holds_off_the_stop_ids():
+  logits = _logits()
+  stop_ids = jnp.asarray([[int(np.argmax(logits[b])), -1] for b in range(B)], jnp.int32)  # each row's argmax
+  steps = jnp.asarray([0, 3, 5, 0], jnp.int32)
+  min_tokens = jnp.asarray([2, 3, 9, 0], jnp.int32)  # rows 0 and 2 are early
+  got = np.asarray(jax.jit(sampling.apply_min_tokens)(logits, stop_ids, steps, min_tokens))
+  for b in range(B):
+    early = int(steps[b]) < int(min_tokens[b])
+    assert np.isneginf(got[b, int(stop_ids[b, 0])]) == early
+    others = np.arange(V) != int(stop_ids[b, 0])
+    np.testing.assert_array_equal(got[b, others], np.asarray(logits)[b, others])
+

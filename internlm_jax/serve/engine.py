@@ -118,6 +118,7 @@ class Engine:
       logits = s.logits
       if self.ec.sample_vocab is not None and self.ec.sample_vocab < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < self.ec.sample_vocab, logits, -jnp.inf)
+      logits = sampling.apply_min_tokens(logits, s.stop_ids, s.step, s.min_tokens)
       token = sampling.sample(logits, keys, s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty,
                               s.seen, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                               counts=s.counts, bias_ids=s.bias_ids, bias_values=s.bias_values,
@@ -176,7 +177,7 @@ class Engine:
         bias_values=jnp.zeros((B, sampling.MAX_LOGIT_BIAS), jnp.float32),
         stop_ids=jnp.full((B, sampling.MAX_STOP_IDS), -1, jnp.int32),
         allowed=jnp.full((B, self.mask_words), 0xFFFFFFFF, jnp.uint32), guided=zeros(bool),
-        adapter=zeros(jnp.int32))
+        adapter=zeros(jnp.int32), min_tokens=zeros(jnp.int32))
     self._uploaded_version = self.allocator.version
     self._live[:] = False
     self._allowed[:], self._slot_adapter[:] = 0xFFFFFFFF, 0
@@ -300,6 +301,7 @@ class Engine:
                top_p=np.float32(params.top_p), min_p=np.float32(params.min_p),
                repetition_penalty=np.float32(params.repetition_penalty), want_top=np.bool_(bool(params.logprobs)),
                seen=seen, stop_ids=stop_row, guided=np.bool_(allowed is not None), adapter=np.int32(params.adapter),
+               min_tokens=np.int32(params.min_tokens),
                allowed=(np.full((self.mask_words,), 0xFFFFFFFF, np.uint32) if allowed is None
                         else np.asarray(allowed, np.uint32).reshape(self.mask_words)),
                **sampling.penalty_rows(params, generated, V))

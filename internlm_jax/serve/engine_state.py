@@ -58,6 +58,7 @@ class SlotState:
   allowed: jax.Array  # [B, W] uint32 token bitmask of guided decoding (W = ceil(V / 32)); all ones when unguided
   guided: jax.Array  # [B] bool: the slot's logits are masked by `allowed`
   adapter: jax.Array  # [B] int32: the slot's LoRA adapter (adapters.py; 0: the base model)
+  min_tokens: jax.Array  # [B] int32: stop ids are masked while step < min_tokens
 
 
 @jax.tree_util.register_dataclass

@@ -90,6 +90,7 @@ class _Common(_Strict):
   user: str | None = None
   logit_bias: dict[str, float] | None = None
   response_format: ResponseFormat | None = None
+  min_tokens: int | None = Field(None, ge=0)
 
   def check_supported(self) -> None:
     if self.n > MAX_N:
@@ -110,6 +111,7 @@ class _Common(_Strict):
         logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()), stop=stop,
         stop_token_ids=tuple(self.stop_token_ids or ()) + extra_stop_ids, ignore_eos=self.ignore_eos,
         seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar, adapter=adapter,
+        min_tokens=self.min_tokens or 0,
         skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
 
 

@@ -62,6 +62,7 @@ class SamplingParams:
   skip_special_tokens: bool = True
   grammar: Any = None  # guided.Grammar (response_format): tokens outside it are masked off
   adapter: int = 0  # the served LoRA adapter (1-based, Engine(adapters=...)); 0: the base model
+  min_tokens: int = 0  # stop token ids are masked off until this many tokens were generated (vLLM's min_tokens)
 
   def __post_init__(self):
     bias = self.logit_bias
@@ -74,6 +75,8 @@ class SamplingParams:
       if not ok:
         raise SamplingError(message, param)
     need(isinstance(self.max_tokens, int) and self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")
+    need(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+         f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}", "min_tokens")
     need(0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}")
     need(self.top_k >= 0 or self.top_k == -1, f"top_k must be >= 0 (0 or -1: off), got {self.top_k}")
     need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
@@ -173,6 +176,20 @@ def apply_token_mask(logits: jax.Array, allowed: jax.Array, guided: jax.Array) -
   bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, W, 32]
   ok = bits.reshape(B, -1)[:, :V].astype(bool)
   return jnp.where(guided[:, None] & ~ok, -jnp.inf, logits)
+
+
+def suppress_stop_ids(logits: jax.Array, stop_ids: jax.Array, blocked: jax.Array) -> jax.Array:
+  """Rows with blocked [B] get -inf at their stop ids [B, S] (-1 padded): a B x S scatter."""
+  B, V = logits.shape
+  ids = jnp.where((stop_ids < 0) | ~blocked[:, None], V, stop_ids)  # past the end: dropped
+  return logits.at[jnp.arange(B)[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+def apply_min_tokens(logits: jax.Array, stop_ids: jax.Array, step: jax.Array, min_tokens: jax.Array) -> jax.Array:
+  """min_tokens (vLLM's): a row's stop ids [B, S] cannot be sampled before it has produced min_tokens [B] tokens
+  (step [B] so far); skipped by cond when no row is that early."""
+  early = step < min_tokens
+  return jax.lax.cond(jnp.any(early), suppress_stop_ids, lambda x, i, b: x, logits, stop_ids, early)
 
 
 def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
