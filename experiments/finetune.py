@@ -65,11 +65,11 @@ def main(argv):
   from internlm_jax.data.sft import SFTSummary
   print(f"data: {SFTSummary(**summary['data'])}")
   pairs = summary.get("heldout_pairs")
-  if pairs:  # DPO: its eval_loss is the DPO loss, reported here with the rewards
+  if pairs:  # DPO / ORPO: eval_loss is the preference loss (config.dpo.loss_type), reported with the rewards
     before, after = pairs["before"] or {}, pairs["after"]
     num = lambda m, k: "n/a" if m.get(k) is None else f"{m[k]:.3f}"
     print(f"held-out pairs ({after['pairs']}): reward accuracy before {_pct(before.get('reward_accuracy'))}, "
-          f"after {_pct(after['reward_accuracy'])}; DPO loss {num(before, 'loss')} -> {num(after, 'loss')}; "
+          f"after {_pct(after['reward_accuracy'])}; preference loss {num(before, 'loss')} -> {num(after, 'loss')}; "
           f"reward margin {num(before, 'reward_margin')} -> {num(after, 'reward_margin')} "
           f"(chosen {num(after, 'chosen_reward')}, rejected {num(after, 'rejected_reward')})")
   elif summary.get("eval_loss") is not None:

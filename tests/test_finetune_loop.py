@@ -198,7 +198,7 @@ def test_cli_prints_dpo_heldout_pairs_before_and_after(setup, tmp_path):
                         "--cpu_devices=1", *(f"--config.{k}={v}" for k, v in flags.items())],
                        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert re.search(r"^held-out pairs \(8\): reward accuracy before 0\.0%, after [\d.]+%; DPO loss 0\.693 -> "
+  assert re.search(r"^held-out pairs \(8\): reward accuracy before 0\.0%, after [\d.]+%; preference loss 0\.693 -> "
                    r"[\d.]+; reward margin 0\.000 -> -?[\d.]+ \(chosen -?[\d.]+, rejected -?[\d.]+\)$",
                    out.stdout, re.M), out.stdout[-2000:]
   assert "nats/trained token" not in out.stdout
