@@ -11,6 +11,10 @@ from internlm_jax.serve.sampling import SamplingParams, TextStream
 from internlm_jax.serve.scheduler import Delta
 from internlm_jax.serve.testing import tiny_api
 
+# Edge cases of guided decoding (preemption, cancellation, streaming, choices, bytes): the CI's slow stage runs
+# them; the fast suite keeps test_serve_guided.py.
+pytestmark = pytest.mark.slow
+
 MODEL = "tiny-internlm2"
 DRINKS = ["café au lait", " thé vert ", 'a "b" \\ c']  # spaces (leading too), accents, JSON escapes
 SCHEMA = {"type": "object", "properties": {"drink": {"enum": DRINKS}, "note": {"type": "string", "maxLength": 12}},
