@@ -336,12 +336,9 @@ class Engine:
                                   np.int32(max_steps or steps), steps=steps, width=width)
     *out, active, ran = jax.device_get(out)
     self._live[rows] = active
-    full = []
-    for x in out:  # bucket columns [n, b, ...] -> slot columns [n, B, ...]; slots outside the bucket are idle
-      x = x[:int(ran)]
-      y = np.zeros((x.shape[0], B) + x.shape[2:], x.dtype)
-      y[:, rows] = x
-      full.append(y)
+    full = [np.zeros((int(ran), B) + x.shape[2:], x.dtype) for x in out]  # slot columns [n, B, ...]
+    for x, y in zip(out, full):  # the bucket's columns; slots outside it are idle
+      y[:, rows] = x[:int(ran)]
     tokens, valid, logprob, top_ids, top_lp = full
     self.allocator.lengths += valid.sum(axis=0).astype(np.int32)
     return state, StepResult(tokens, valid, logprob, top_ids, top_lp, rows)
@@ -383,7 +380,8 @@ class Engine:
     # keep their [b, V] passes (skipped by cond when no row asks) running for every later call.
     off = dict(active=np.bool_(False), remaining=np.int32(0), repetition_penalty=np.float32(1.0),
                presence_penalty=np.float32(0.0), frequency_penalty=np.float32(0.0),
-               bias_ids=np.full((sampling.MAX_LOGIT_BIAS,), -1, np.int32), guided=np.bool_(False))
+               bias_ids=np.full((sampling.MAX_LOGIT_BIAS,), -1, np.int32), guided=np.bool_(False),
+               min_tokens=np.int32(0))
     with self._ctx():
       slots = self._insert(state.slots, jnp.int32(slot), off)
     return dataclasses.replace(state, slots=slots)
