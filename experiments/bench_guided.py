@@ -33,7 +33,7 @@ def main(argv):
   import jax
   import numpy as np
 
-  from internlm_jax.config import ModelConfig
+  from internlm_jax.config import get_preset
   from internlm_jax.model import init_params
   from internlm_jax.serve import guided
   from internlm_jax.serve.engine import Engine, EngineConfig
@@ -41,9 +41,7 @@ def main(argv):
   from internlm_jax.serve.scheduler import Scheduler
   from internlm_jax.serve.testing import tiny_tokenizer
 
-  # bench_serve.py's 125M shape (importing that script would define its flags twice).
-  config = ModelConfig(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
-                       intermediate_size=2048, max_position_embeddings=2048, rope_scaling_type=None, rope_theta=1e4)
+  config = get_preset("125m")  # bench_serve.py's shape
   params = init_params(config, jax.random.key(0))
   tokenizer = tiny_tokenizer(tempfile.mkdtemp())
   ec = EngineConfig(max_slots=SLOTS.value, max_seq_len=128, page_size=16, prefill_chunk=64,

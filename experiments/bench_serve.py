@@ -60,9 +60,8 @@ WINDOW_LEN = flags.DEFINE_integer("quality_len", 256, "quality: tokens per score
 
 
 def bench_config():
-  from internlm_jax.config import ModelConfig
-  return ModelConfig(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
-                     intermediate_size=2048, max_position_embeddings=2048, rope_scaling_type=None, rope_theta=1e4)
+  from internlm_jax.config import get_preset
+  return get_preset("125m")
 
 
 def _median_seconds(fn, repeats):

@@ -118,6 +118,10 @@ PRESETS: dict[str, ModelConfig] = {
                     intermediate_size=768, max_position_embeddings=2048),
     "50m": _small(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
                   intermediate_size=1536, max_position_embeddings=2048),
+    # The serving benchmarks' 125M Llama shape (experiments/bench_serve.py, bench_guided.py, bench_multi_lora.py).
+    "125m": ModelConfig(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
+                        intermediate_size=2048, max_position_embeddings=2048, rope_scaling_type=None,
+                        rope_theta=1e4),
 }
 
 
