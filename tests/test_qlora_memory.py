@@ -130,19 +130,10 @@ def test_qlora_step_loss_and_adapter_gradients_equal_the_dequantized_base():
   """The whole QLoRA loss (NF4 embedding, layers and head, double-quantized, full remat) against the same base
   dequantized to float: the custom VJPs change memory, not numbers."""
   from internlm_jax.config import PRESETS
-  from internlm_jax.lora import LoraConfig, apply_lora, init_lora
+  from internlm_jax.lora import apply_lora
   from internlm_jax.train.finetune_step import base_cross_entropy_sums
   config = PRESETS["tiny"].replace(remat_policy="full")
-  base = Q.init_quantized_params(config, jax.random.key(0), "nf4", double_quant=True,
-                                 targets=["embed", "wqkv", "wo", "w1", "w2", "w3", "output"])
-  lcfg = LoraConfig(rank=4, alpha=8.0, targets=("wqkv", "wo", "w1", "w2", "w3"))
-  adapters = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(2), x.shape),
-                          init_lora(config, lcfg, jax.random.key(1)))
-  T = 16
-  batch = {"tokens": jax.random.randint(jax.random.key(3), (2, T), 0, config.vocab_size),
-           "targets": jax.random.randint(jax.random.key(4), (2, T), 0, config.vocab_size),
-           "segment_ids": jnp.ones((2, T), jnp.int32), "loss_mask": jnp.ones((2, T), jnp.int32),
-           "positions": jnp.tile(jnp.arange(T, dtype=jnp.int32), (2, 1))}
+  base, lcfg, adapters, batch = _qlora_inputs(config, rank=4, seq_len=16)
   loss = lambda b: jax.value_and_grad(lambda a: base_cross_entropy_sums(apply_lora(b, a, lcfg), batch, config)[0])
   (ours, g_ours), (ref, g_ref) = loss(base)(adapters), loss(Q.dequantize_params(base))(adapters)
   np.testing.assert_allclose(ours, ref, rtol=1e-5)
@@ -158,22 +149,29 @@ def test_memory_scheduler_changes_no_numbers():
   step are bitwise those of the default schedule. (On tiny shapes the memory scheduler's temporaries are not
   always smaller, so this checks numbers, not bytes.)"""
   from internlm_jax.config import PRESETS
-  from internlm_jax.lora import LoraConfig, apply_lora, init_lora
+  from internlm_jax.lora import apply_lora
   from internlm_jax.train.finetune_step import base_cross_entropy_sums
   config = PRESETS["tiny"].replace(remat_policy="full", attention_impl="blockwise", attention_block_size=16)
-  base = Q.init_quantized_params(config, jax.random.key(0), "nf4", double_quant=True,
-                                 targets=["embed", "wqkv", "wo", "w1", "w2", "w3", "output"])
-  lcfg = LoraConfig(rank=8, alpha=16.0, targets=("wqkv", "wo", "w1", "w2", "w3"))
-  adapters = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(2), x.shape),
-                          init_lora(config, lcfg, jax.random.key(1)))
-  T = 64
-  batch = {"tokens": jax.random.randint(jax.random.key(3), (2, T), 0, config.vocab_size),
-           "targets": jax.random.randint(jax.random.key(4), (2, T), 0, config.vocab_size),
-           "segment_ids": jnp.ones((2, T), jnp.int32), "loss_mask": jnp.ones((2, T), jnp.int32),
-           "positions": jnp.tile(jnp.arange(T, dtype=jnp.int32), (2, 1))}
+  base, lcfg, adapters, batch = _qlora_inputs(config, rank=8, seq_len=64)
   fn = jax.value_and_grad(lambda a: base_cross_entropy_sums(apply_lora(base, a, lcfg), batch, config)[0])
   lowered = jax.jit(fn).lower(adapters)
   default = lowered.compile()(adapters)
   memory = lowered.compile(compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"})(adapters)
   for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(memory)):
     np.testing.assert_array_equal(a, b)
+
+
+def _qlora_inputs(config, rank: int, seq_len: int):
+  """(NF4 base with double-quantized scales, LoraConfig, adapters with B != 0, a batch of 2 x seq_len)."""
+  from internlm_jax.lora import LoraConfig, init_lora
+  base = Q.init_quantized_params(config, jax.random.key(0), "nf4", double_quant=True,
+                                 targets=["embed", "wqkv", "wo", "w1", "w2", "w3", "output"])
+  lcfg = LoraConfig(rank=rank, alpha=2.0 * rank, targets=("wqkv", "wo", "w1", "w2", "w3"))
+  adapters = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(2), x.shape),
+                          init_lora(config, lcfg, jax.random.key(1)))
+  T = seq_len
+  batch = {"tokens": jax.random.randint(jax.random.key(3), (2, T), 0, config.vocab_size),
+           "targets": jax.random.randint(jax.random.key(4), (2, T), 0, config.vocab_size),
+           "segment_ids": jnp.ones((2, T), jnp.int32), "loss_mask": jnp.ones((2, T), jnp.int32),
+           "positions": jnp.tile(jnp.arange(T, dtype=jnp.int32), (2, 1))}
+  return base, lcfg, adapters, batch
