@@ -77,11 +77,14 @@ def mlp(x: jax.Array, w1, w3, w2, dtype) -> jax.Array:
   """The SwiGLU MLP for projection weights of any kind (see `project`), in compute dtype `dtype`."""
   if not any(hasattr(w, "project") for w in (w1, w3, w2)):
     return swiglu(x, w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
+  from internlm_jax import qlora_mlp  # noqa: PLC0415  (it imports this module)
+  if qlora_mlp.fusable(w1, w3, w2):  # QLoRA: never an [N, F] buffer, NF4 decoded twice a step, not three times
+    return qlora_mlp.fused_qlora_mlp(x, w1, w3, w2, jnp.dtype(dtype))
   gate, up = project("bte,ef->btf", x, w1, dtype), project("bte,ef->btf", x, w3, dtype)
-  return project("btf,fe->bte", _swiglu_hidden(gate, up, x.dtype), w2, dtype)
+  return project("btf,fe->bte", swiglu_hidden(gate, up, x.dtype), w2, dtype)
 
 
-def _swiglu_hidden(gate, up, dtype):
+def swiglu_hidden(gate, up, dtype):
   return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
 
 
@@ -99,7 +102,7 @@ def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Arr
 def _swiglu_fwd(x, w1, w3, w2):
   gate = jnp.einsum("bte,ef->btf", x, w1)
   up = jnp.einsum("bte,ef->btf", x, w3)
-  out = jnp.einsum("btf,fe->bte", _swiglu_hidden(gate, up, x.dtype), w2)
+  out = jnp.einsum("btf,fe->bte", swiglu_hidden(gate, up, x.dtype), w2)
   return out, (x, w1, w3, w2, gate, up)
 
 
