@@ -9,6 +9,7 @@ from configs import sft_lora_tiny
 def get_config():
   c = sft_lora_tiny.get_config()
   c.method = "qlora"
-  c.model.remat_policy = "full"  # keeps activations of the layers out of the saved residuals
+  # Only block inputs saved; the backward recomputes each block's attention and MLP halves apart (model.py).
+  c.model.remat_policy = "full_split"
   c.qlora.double_quant = True  # int8 NF4 scales (QLoRA's double quantization, XTuner's default); ignored for int8
   return c

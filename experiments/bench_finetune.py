@@ -15,7 +15,9 @@ aliased to donated inputs; it is what the step needs resident, independent of al
          (qlora_r16 ...): XTuner's r64 on a 7B model (hidden 4096) is r16 here by adapter share r / hidden.
 --moments=int8 measures every method with 8-bit AdamW moments instead (train/adam8bit.py; OptimizerConfig.moments),
 named with an `_adam8bit` suffix (qlora_adam8bit_bytes_per_param, ...); --moments=float32,int8 measures both.
-Attention is --attention_impl with --attention_block_size for every method (default blockwise, 128: memory O(T),
+Remat is --remat_policy for every method (default full_split: only block inputs saved, and the backward
+recomputes a block's attention and MLP halves separately, so one's activations are not live during the other's
+backward). Attention is --attention_impl with --attention_block_size for every method (default blockwise, 128: memory O(T),
 as the flash / SDPA attention XTuner runs with; "xla" materializes [B, H, T, T] scores).
 Bytes per parameter divide by the base model's parameter count. Times are medians of --steps steps after two
 warm-up steps; `base_fwd_bwd` is the forward + backward (all weight gradients, no optimizer) of the lora base, the
@@ -36,7 +38,8 @@ PRESET = flags.DEFINE_string("preset", "bench-300m", "ModelConfig preset, or ben
 SEQ = flags.DEFINE_integer("seq_len", 512, "sequence length")
 BATCH = flags.DEFINE_integer("batch", 1, "batch size")
 STEPS = flags.DEFINE_integer("steps", 5, "timed steps (after 2 warm-up steps)")
-REMAT = flags.DEFINE_string("remat_policy", "full", "remat policy, the same for every method")
+REMAT = flags.DEFINE_string("remat_policy", "full_split", "remat policy, the same for every method (full_split: "
+                            "full, with the block's attention and MLP halves checkpointed again; model.py)")
 DTYPE = flags.DEFINE_string("dtype", "", "compute dtype; default bfloat16 on accelerators, float32 on CPU")
 BASE_DTYPE = flags.DEFINE_string("base_dtype", "bfloat16", "storage dtype of the frozen LoRA base")
 RANK = flags.DEFINE_integer("rank", 64, "LoRA rank (XTuner's default 64, alpha 16)")

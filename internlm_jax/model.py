@@ -107,7 +107,13 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention": jax.checkpoint_policies.save_only_these_names("qkv", "attention_out"),
     "save_block_io": jax.checkpoint_policies.save_only_these_names("block_input"),
+    # "full", and inside the recomputed block the attention half and the MLP half are checkpointed again: the
+    # backward recomputes the block only up to the MLP's input, then each half just before its own backward, so
+    # the attention's recomputed activations are not live during the MLP's backward. The attention forward runs
+    # once more per step. QLoRA r64 at 331M: 1.120 -> 1.105 bytes per parameter, not slower (BENCHMARKS.md).
+    "full_split": jax.checkpoint_policies.nothing_saveable,
 }
+NESTED_REMAT = ("full_split",)
 
 
 def _maybe_remat(fn, policy_name: str):
@@ -124,39 +130,51 @@ def _block(x, layer, *, config: ModelConfig, cos, sin, q_index, segment_ids, rul
   `write_index` [B] and attention reads the whole cache; returns (x, (k, v) or None)."""
   dtype = jnp.dtype(config.dtype)
   G = config.q_per_kv
-  x = checkpoint_name(x, "block_input")
-  h = layers.rms_norm(x, layer["attention_norm"], config.rms_norm_eps)
-  qkv = layers.project("bte,ekgd->btkgd", h, layer["wqkv"], dtype)
-  qkv = checkpoint_name(qkv, "qkv")
-  q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
-  q = layers.apply_rope(q, cos, sin)
-  k = layers.apply_rope(k, cos, sin)
-  q = constrain(q, ("batch", "seq", "kv_heads", None, "head_dim"), rules)
-  new_cache = None
-  kv_segments = segment_ids
-  if cache_kv is not None:
-    cache_k, cache_v = cache_kv
-    write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
-    k = write(cache_k, k.astype(cache_k.dtype), write_index)
-    v = write(cache_v, v.astype(cache_v.dtype), write_index)
-    new_cache = (k, v)
-    k, v = k.astype(dtype), v.astype(dtype)
-    kv_segments = None
-  impl = config.attention_impl
-  if cache_kv is not None and impl in ("chunked", "cudnn"):
-    impl = "xla"  # both assume key slot t holds query t: true without a cache only
-  out = attention_lib.attend(q, k, v, q_index, segment_ids, kv_segments, impl=impl,
-                             **_attention_options(config.replace(attention_impl=impl)))
-  out = checkpoint_name(out, "attention_out")
-  B, T = out.shape[:2]
-  out = out.reshape(B, T, config.num_heads, config.head_dim)
-  x = x + layers.project("bthd,hde->bte", out, layer["wo"], dtype)
-  x = constrain(x, ("batch", "seq", "embed"), rules)
-  h = layers.rms_norm(x, layer["ffn_norm"], config.rms_norm_eps)
-  h = constrain(h, ("batch", "seq", "embed"), rules)
-  x = x + layers.mlp(h, layer["w1"], layer["w3"], layer["w2"], dtype)
-  x = constrain(x, ("batch", "seq", "embed"), rules)
-  return x, new_cache
+
+  def attention_half(x, layer, cache_kv):
+    x = checkpoint_name(x, "block_input")
+    h = layers.rms_norm(x, layer["attention_norm"], config.rms_norm_eps)
+    qkv = layers.project("bte,ekgd->btkgd", h, layer["wqkv"], dtype)
+    qkv = checkpoint_name(qkv, "qkv")
+    q, k, v = layers.split_qkv(qkv, G)
+    q = layers.apply_rope(q, cos, sin)
+    k = layers.apply_rope(k, cos, sin)
+    q = constrain(q, ("batch", "seq", "kv_heads", None, "head_dim"), rules)
+    new_cache = None
+    kv_segments = segment_ids
+    if cache_kv is not None:
+      cache_k, cache_v = cache_kv
+      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
+      k = write(cache_k, k.astype(cache_k.dtype), write_index)
+      v = write(cache_v, v.astype(cache_v.dtype), write_index)
+      new_cache = (k, v)
+      k, v = k.astype(dtype), v.astype(dtype)
+      kv_segments = None
+    impl = config.attention_impl
+    if cache_kv is not None and impl in ("chunked", "cudnn"):
+      impl = "xla"  # both assume key slot t holds query t: true without a cache only
+    out = attention_lib.attend(q, k, v, q_index, segment_ids, kv_segments, impl=impl,
+                               **_attention_options(config.replace(attention_impl=impl)))
+    out = checkpoint_name(out, "attention_out")
+    B, T = out.shape[:2]
+    out = out.reshape(B, T, config.num_heads, config.head_dim)
+    x = x + layers.project("bthd,hde->bte", out, layer["wo"], dtype)
+    x = constrain(x, ("batch", "seq", "embed"), rules)
+    return x, new_cache
+
+  def mlp_half(x, layer):
+    h = layers.rms_norm(x, layer["ffn_norm"], config.rms_norm_eps)
+    h = constrain(h, ("batch", "seq", "embed"), rules)
+    x = x + layers.mlp(h, layer["w1"], layer["w3"], layer["w2"], dtype)
+    x = constrain(x, ("batch", "seq", "embed"), rules)
+    return x
+
+  if config.remat_policy in NESTED_REMAT and cache_kv is None:
+    policy = REMAT_POLICIES[config.remat_policy]
+    attention_half = jax.checkpoint(attention_half, policy=policy, prevent_cse=False)
+    mlp_half = jax.checkpoint(mlp_half, policy=policy, prevent_cse=False)
+  x, new_cache = attention_half(x, layer, cache_kv)
+  return mlp_half(x, layer), new_cache
 
 
 def _attention_options(config: ModelConfig) -> dict:

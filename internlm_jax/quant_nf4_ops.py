@@ -29,7 +29,7 @@ import numpy as np
 from internlm_jax.quant_nf4 import NF4_LEVELS, QuantizedWeight, decode_scales, dequantize, nf4_decode
 
 Params = dict[str, Any]
-DECODE_GROUP_ELEMS = 1 << 19  # float elements of a weight group decoded at a time (2 MiB in float32)
+DECODE_GROUP_ELEMS = 1 << 17  # float elements of a weight group decoded at a time (0.5 MiB in float32)
 
 
 def _zero_cotangent(q: QuantizedWeight) -> QuantizedWeight:

@@ -96,7 +96,8 @@ def test_packed_segments_equal_separate_forwards(tiny_params):
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=False), dict(remat_policy="full"),
-                                     dict(remat_policy="save_dots"), dict(remat_policy="save_attention")])
+                                     dict(remat_policy="full_split"), dict(remat_policy="save_dots"),
+                                     dict(remat_policy="save_attention")])
 def test_scan_and_remat_switches_keep_values_and_grads(tiny_params, changes):
   tokens = _tokens(7, 2, 8)
   def loss(p, config):

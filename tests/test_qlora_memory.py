@@ -127,12 +127,13 @@ def test_backward_keeps_no_dequantized_weight_as_residual():
 
 
 def test_qlora_step_loss_and_adapter_gradients_equal_the_dequantized_base():
-  """The whole QLoRA loss (NF4 embedding, layers and head, double-quantized, full remat) against the same base
-  dequantized to float: the custom VJPs change memory, not numbers."""
+  """The whole QLoRA loss (NF4 embedding, layers and head, double-quantized, the fused MLP, full remat with the
+  block's halves checkpointed again) against the same base dequantized to float (the generic MLP): the custom
+  VJPs and the nested remat change memory, not numbers."""
   from internlm_jax.config import PRESETS
   from internlm_jax.lora import apply_lora
   from internlm_jax.train.finetune_step import base_cross_entropy_sums
-  config = PRESETS["tiny"].replace(remat_policy="full")
+  config = PRESETS["tiny"].replace(remat_policy="full_split")
   base, lcfg, adapters, batch = _qlora_inputs(config, rank=4, seq_len=16)
   loss = lambda b: jax.value_and_grad(lambda a: base_cross_entropy_sums(apply_lora(b, a, lcfg), batch, config)[0])
   (ours, g_ours), (ref, g_ref) = loss(base)(adapters), loss(Q.dequantize_params(base))(adapters)

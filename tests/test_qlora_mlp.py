@@ -109,3 +109,13 @@ def test_full_remat_drops_the_recomputed_forward(monkeypatch):
                          policy=jax.checkpoint_policies.nothing_saveable)
   step = jax.jit(jax.value_and_grad(lambda x, w1: jnp.sum(block(x, w1) * ct), argnums=(0, 1), allow_int=True))
   assert step.lower(x, w1).compile().as_text().count(" while(") == 2
+
+
+def test_split_qkv_gradient_is_that_of_the_slices():
+  G = 3
+  qkv = jax.random.normal(jax.random.key(7), (2, 4, 2, G + 2, 8))
+  cts = [jax.random.normal(jax.random.key(8 + i), s.shape) for i, s in enumerate(layers.split_qkv(qkv, G))]
+  pairs = lambda parts: sum(jnp.sum(p * c) for p, c in zip(parts, cts))   # noqa: E731
+  ours = jax.grad(lambda x: pairs(layers.split_qkv(x, G)))(qkv)
+  ref = jax.grad(lambda x: pairs((x[:, :, :, :G], x[:, :, :, G], x[:, :, :, G + 1])))(qkv)
+  np.testing.assert_array_equal(ours, ref)
