@@ -64,9 +64,10 @@ def fusable(w1, w3, w2) -> bool:
   return k is not None and all((f // k) % w.base.block == 0 for w in (w1, w3, w2))
 
 
-def _sizes(w1):
+def _sizes(w1, w3, w2):
+  """(E, F, k groups, G units per group), as `fusable` chose them."""
   e, f = w1.base.inner_shape
-  k = group_count(e, f, max(w1.base.block, 1))
+  k = group_count(e, f, max(w.base.block for w in (w1, w3, w2)))
   return e, f, k, f // k
 
 
@@ -90,7 +91,7 @@ def _projected(x2, w, late, levels, down, j, size, dtype):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def fused_qlora_mlp(x: jax.Array, w1, w3, w2, dtype) -> jax.Array:
   """layers.mlp(x, w1, w3, w2, dtype) for LoRA weights over NF4 bases (see `fusable`); x [..., E] -> [..., E]."""
-  e, _, k, size = _sizes(w1)
+  e, _, k, size = _sizes(w1, w3, w2)
   x2 = x.reshape(-1, e)
   late1, lv1 = _decode_after(w1.base, x)
   late3, lv3 = _decode_after(w3.base, x)
@@ -119,7 +120,7 @@ def _fwd(x, w1, w3, w2, dtype):
 
 def _bwd(dtype, residuals, d_out):
   x, w1, w3, w2 = residuals
-  e, _, k, size = _sizes(w1)
+  e, _, k, size = _sizes(w1, w3, w2)
   x2, g = x.reshape(-1, e), d_out.reshape(-1, e).astype(dtype)
   # Tied to the cotangent: decoded group by group in the loop below, never hoisted nor shared with the forward.
   late1, lv1 = _decode_after(w1.base, d_out)

@@ -47,7 +47,7 @@ def test_fused_equals_generic_values_and_gradients(double_quant, group_elems, mo
   monkeypatch.setattr(O, "DECODE_GROUP_ELEMS", group_elems)
   w1, w3, w2 = _weights(double_quant)
   assert M.fusable(w1, w3, w2)
-  assert M._sizes(w1)[2] == (1 if group_elems > E * F else 3)
+  assert M._sizes(w1, w3, w2)[2] == (1 if group_elems > E * F else 3)
   x = jax.random.normal(jax.random.key(5), (2, 5, E))
   ct = jax.random.normal(jax.random.key(6), (2, 5, E))
 
