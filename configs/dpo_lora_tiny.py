@@ -1,7 +1,7 @@
 """DPO with LoRA adapters on the pretrained tiny model: Shakespeare task pairs (gold answer chosen, a wrong option
 rejected), sigmoid loss with beta, the base (adapter off) as the reference model. Other losses:
---config.dpo.loss_type=ipo|hinge|robust (with the reference), or orpo (ORPO: no reference model, beta weighs the
-odds-ratio term against the chosen response's NLL).
+--config.dpo.loss_type=ipo|hinge|robust|sppo_hard|nca_pair|kto_pair (with the reference), or orpo (ORPO: no
+reference model, beta weighs the odds-ratio term against the chosen response's NLL).
 
   python experiments/finetune.py --config=configs/dpo_lora_tiny.py --workdir=DIR --config.base.checkpoint=BASE
   (files: --config.data.source=files --config.data.train_paths=pairs.jsonl with {"prompt", "chosen", "rejected"})

@@ -54,7 +54,8 @@ def get_config():
   c.lora = config_dict.ConfigDict(dict(rank=16, alpha=32.0, dropout=0.0, targets="wqkv,wo,w1,w2,w3,output",
                                        loraplus_ratio=16.0))  # LoRA+: B learns this many times faster (1: LoRA)
   c.qlora = config_dict.ConfigDict(dict(kind="nf4", block=64, targets="wqkv,wo,w1,w2,w3"))  # + embed,output
-  # method dpo: loss_type sigmoid (DPO; label_smoothing > 0: cDPO), robust, hinge, ipo, or orpo (reference-free)
+  # method dpo: loss_type sigmoid (DPO; label_smoothing > 0: cDPO), robust, hinge, ipo, sppo_hard, nca_pair,
+  # kto_pair, or orpo (reference-free)
   c.dpo = config_dict.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid"))
 
   c.optimizer = config_dict.ConfigDict(dict(learning_rate=3e-4, min_lr_ratio=0.1, warmup_steps=20, b1=0.9,

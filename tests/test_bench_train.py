@@ -18,6 +18,8 @@ def bench(*args):
                         capture_output=True, text=True, env=env, timeout=300)
 
 
+# Runs the benchmark script twice end to end (21 s): with the slow suite, like the other benchmark scripts' runs.
+@pytest.mark.slow
 def test_ours_then_peer_from_json(tmp_path):
   pytest.importorskip("torch")
   ours_json, both_json = tmp_path / "ours.json", tmp_path / "both.json"

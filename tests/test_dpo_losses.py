@@ -104,6 +104,55 @@ def test_dpo_losses_match_reference_values_and_gradients(loss_type, eps):
     assert np.all(np.asarray(grads[0]) <= 0)
 
 
+def _np_pair_losses(loss_type, pc, pr, rc, rr, beta, valid=None):
+  """TRL's DPOTrainer.dpo_loss for sppo_hard, nca_pair and kto_pair (its 2P losses averaged per pair)."""
+  a, b = pc - rc, pr - rr
+  if loss_type == "sppo_hard":  # Wu et al. 2024
+    return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
+  if loss_type == "nca_pair":  # Chen et al. 2024
+    return -_log_sigmoid(beta * a) - 0.5 * _log_sigmoid(-beta * a) - 0.5 * _log_sigmoid(-beta * b)
+  if loss_type == "kto_pair":  # HALOs eq. 7: each side's KL estimated from the other half of the batch
+    w = np.ones_like(a) if valid is None else valid.astype(np.float64)
+    kl_c, kl_r = max(np.sum(a * w) / np.sum(w), 0.0), max(np.sum(b * w) / np.sum(w), 0.0)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    return ((1 - sig(beta * (a - kl_r))) + (1 - sig(beta * (kl_c - b)))) / 2
+  raise AssertionError(loss_type)
+
+
+@pytest.mark.parametrize("loss_type", ["sppo_hard", "nca_pair", "kto_pair"])
+def test_pair_losses_match_reference_values_and_gradients(loss_type):
+  """Losses that read the chosen and rejected log-ratios apart (not only their difference): values, and gradients
+  by finite differences; kto_pair's batch means over the valid pairs only (the last pair is padding)."""
+  rng = np.random.default_rng(2)
+  x64 = [np.asarray(jnp.asarray(rng.normal(-20, 3, 6), jnp.float32), np.float64) for _ in range(4)]
+  x64[0][:3] = x64[2][:3] + rng.uniform(0.5, 3.0, 3)   # some chosen log-ratios above 0, so KL_c > 0 for kto_pair
+  args32 = [jnp.asarray(x, jnp.float32) for x in x64]
+  x64 = [np.asarray(a, np.float64) for a in args32]
+  valid = np.arange(6) < 5
+  beta = 0.3
+  loss = dpo_loss(*args32, beta, 0.0, loss_type, valid=jnp.asarray(valid))[0]
+  ref = lambda *a: _np_pair_losses(loss_type, *a, beta, valid) * valid  # noqa: E731
+  np.testing.assert_allclose(np.asarray(loss) * valid, ref(*x64), rtol=1e-5, atol=1e-6)
+  grads = jax.grad(lambda c, r: jnp.sum(dpo_loss(c, r, args32[2], args32[3], beta, 0.0, loss_type,
+                                                 valid=jnp.asarray(valid))[0] * valid), argnums=(0, 1))(*args32[:2])
+  for i in (0, 1):
+    np.testing.assert_allclose(grads[i], _finite_diff(ref, x64, i), rtol=2e-4, atol=1e-6)
+  g_c, g_r = np.asarray(grads[0])[:5], np.asarray(grads[1])[:5]
+  a, b = (x64[0] - x64[2])[:5], (x64[1] - x64[3])[:5]
+  if loss_type == "sppo_hard":   # targets: the chosen log-ratio to 1 / (2 beta), the rejected one to -1 / (2 beta)
+    assert np.any(a > 0.5 / beta) and np.any(a < 0.5 / beta)
+    np.testing.assert_array_equal(np.sign(g_c), np.sign(a - 0.5 / beta))
+    np.testing.assert_array_equal(np.sign(g_r), np.sign(b + 0.5 / beta))
+  elif loss_type == "nca_pair":  # always lowers the rejected log-ratio; the chosen one rises up to sigmoid = 2 / 3
+    assert np.all(g_r > 0)
+    np.testing.assert_array_equal(np.sign(g_c), np.sign(1.5 / (1 + np.exp(-beta * a)) - 1))
+  else:                          # kto_pair: always raises the chosen log-ratio
+    assert np.all(g_c < 0)
+  x = jnp.full((3,), -7.0)
+  want = {"sppo_hard": 1 / (2 * beta ** 2), "nca_pair": 2 * math.log(2), "kto_pair": 0.5}[loss_type]
+  np.testing.assert_allclose(dpo_loss(x, x, x, x, beta, 0.0, loss_type)[0], want, rtol=1e-6)
+
+
 def test_loss_values_at_the_reference_and_robust_without_noise():
   """Policy == reference (h = 0): sigmoid and robust log 2, hinge 1, ipo 1 / (4 beta^2); robust with eps = 0 is
   sigmoid exactly."""
@@ -226,7 +275,7 @@ def model():
   return base, adapters, rows, np.asarray(policy, np.float64), np.asarray(ref, np.float64), counts
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "orpo"])
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "nca_pair", "orpo"])
 def test_heldout_metrics_match_reference(model, loss_type):
   """make_dpo_eval (the training step's dpo_sums without a gradient) over batches with a padding pair."""
   base, adapters, rows, policy, ref, counts = model
@@ -240,7 +289,10 @@ def test_heldout_metrics_match_reference(model, loss_type):
     loss, odds_c, odds_r = _np_orpo(pc, pr, beta)
     chosen, rejected, won = beta * pc, beta * pr, odds_c > odds_r
   else:
-    loss = _np_dpo(loss_type, pc, pr, rc, rr, beta, eps)
+    if loss_type == "nca_pair":
+      loss = _np_pair_losses(loss_type, pc, pr, rc, rr, beta)
+    else:
+      loss = _np_dpo(loss_type, pc, pr, rc, rr, beta, eps)
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)
     won = chosen > rejected
   want = {"loss": loss.mean(), "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean(),
@@ -325,8 +377,8 @@ def test_orpo_step_learns_the_preference(model):
 
 # ---- configuration -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dpo,message", [
-    ({"loss_type": "kto_pair"}, "config.dpo.loss_type must be one of ('sigmoid', 'ipo', 'hinge', 'robust', 'orpo'), "
-                                "got 'kto_pair'"),
+    ({"loss_type": "kto"}, "config.dpo.loss_type must be one of ('sigmoid', 'ipo', 'hinge', 'robust', 'sppo_hard', "
+                           "'nca_pair', 'kto_pair', 'orpo'), got 'kto'"),
     ({"beta": 0.0}, "config.dpo.beta must be positive, got 0.0"),
     ({"loss_type": "orpo", "beta": -1.0}, "config.dpo.beta must be positive, got -1.0"),
     ({"loss_type": "robust", "label_smoothing": 0.5},

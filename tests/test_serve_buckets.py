@@ -115,6 +115,8 @@ def test_buckets_match_the_full_batch(model):
   assert engine._generate._cache_size() == compiled
 
 
+# Compiles every bucket (26 s): with the slow suite; the other bucket tests keep bucketing in the fast one.
+@pytest.mark.slow
 def test_warmup_compiles_every_bucket_and_changes_nothing(model):
   config, params = model
   engine = Engine(params, config, dataclasses.replace(EC, max_slots=8, min_decode_bucket=4))

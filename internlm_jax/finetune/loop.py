@@ -6,8 +6,9 @@ resumes bit-exactly, and it writes WORKDIR/metrics.jsonl and WORKDIR/summary.jso
   full   every weight, with the pretraining step (train.step.make_train_step); the checkpoint holds the model.
   lora   adapters only (train.finetune_step); the base is an argument of the step, never in the checkpoint.
   qlora  as lora over a base quantized to NF4 or int8 (quant_nf4), dequantized layer by layer in the forward.
-  dpo    adapters on preference pairs (train.dpo): dpo.loss_type sigmoid (DPO, the default), ipo, hinge or robust
-         with the frozen base (adapter off) as the reference, or orpo (reference-free: no reference forward).
+  dpo    adapters on preference pairs (train.dpo): dpo.loss_type sigmoid (DPO, the default), ipo, hinge, robust,
+         sppo_hard, nca_pair or kto_pair with the frozen base (adapter off) as the reference, or orpo
+         (reference-free: no reference forward).
 At the end: WORKDIR/hf (an HF InternLM2 folder of the fine-tuned model, adapters merged, with tokenizer.model)
 and WORKDIR/adapter (PEFT adapter folder). A QLoRA adapter is merged into the dequantized base, the weights it
 was trained against, so the HF folder computes exactly what was evaluated. Multiple-choice held-out records are

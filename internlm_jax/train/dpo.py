@@ -18,6 +18,11 @@ loss_type (the definitions of XTuner's xtuner/model/dpo.py and TRL's DPOTrainer.
   ipo       (h - 1 / (2 beta))^2 with pi, ref the MEAN log-prob per response token, as XTuner and TRL average
             them for IPO (Azar et al., 2023, eq. 17; beta is the paper's tau)
   orpo      no reference: NLL of the chosen response + beta * odds-ratio loss (train.orpo), mean token log-probs
+  sppo_hard (a - 1 / (2 beta))^2 + (b + 1 / (2 beta))^2, a = pi_c - ref_c, b = pi_r - ref_r  (SPPO, Wu et al., 2024)
+  nca_pair  -log sigmoid(beta a) - log sigmoid(-beta a) / 2 - log sigmoid(-beta b) / 2      (NCA, Chen et al., 2024)
+  kto_pair  (1 - sigmoid(beta (a - KL_r)) + 1 - sigmoid(beta (KL_c - b))) / 2 with KL_c = max(0, mean a) and
+            KL_r = max(0, mean b) over the batch's valid pairs (HALOs / KTO eq. 7, as TRL's kto_pair; with
+            gradient accumulation the means are per micro-batch)
 loss = mean over valid pairs. Metrics: rewards = beta * (pi - ref) for chosen and rejected (with ipo's means),
 margin = chosen - rejected, accuracy = mean(margin > 0); policy_*_logps are the log-probs the loss reads (sums,
 means for ipo and orpo). For orpo, as XTuner and TRL log them: rewards = beta * mean log-probs and accuracy =
@@ -25,7 +30,7 @@ mean(log odds chosen > log odds rejected), plus nll_loss, log_odds_chosen / _rej
 odds_ratio_loss.
 
 At init (b = 0) the policy equals the reference, so h = z = 0: sigmoid and robust give log 2, hinge 1, ipo
-1 / (4 beta^2). `make_dpo_eval` computes the same sums without a gradient for held-out pairs (finetune.dpo_eval),
+1 / (4 beta^2), sppo_hard 1 / (2 beta^2), nca_pair 2 log 2, kto_pair 1 / 2. `make_dpo_eval` computes the same sums without a gradient for held-out pairs (finetune.dpo_eval),
 so training and evaluation share one loss.
 """
 from __future__ import annotations
@@ -48,7 +53,7 @@ from internlm_jax.train.state import TrainState
 from internlm_jax.train.step import BATCH_KEYS
 
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "orpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sppo_hard", "nca_pair", "kto_pair", "orpo")
 SMOOTHED = ("sigmoid", "robust")  # the loss types that read label_smoothing
 MEAN_LOGPS = ("ipo", "orpo")      # the loss types that read mean log-probs per response token
 REFERENCE_FREE = ("orpo",)
@@ -79,14 +84,16 @@ def sequence_logps(params, rows, config: ModelConfig, rules: ShardingRules | Non
 
 
 def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array,
-             beta: float, label_smoothing: float = 0.0,
-             loss_type: str = "sigmoid") -> tuple[jax.Array, jax.Array, jax.Array]:
+             beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+             valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-pair (loss, chosen reward, rejected reward), each float32 [P], from log-probs [P]: summed, or for
-  loss_type "ipo" the mean per response token (XTuner, TRL). Not "orpo" (reference-free: train.orpo)."""
+  loss_type "ipo" the mean per response token (XTuner, TRL). Not "orpo" (reference-free: train.orpo). `valid`
+  [P] (1 for a real pair) restricts kto_pair's batch means to real pairs; all pairs count without it."""
   chex.assert_equal_shape([policy_chosen, policy_rejected, ref_chosen, ref_rejected])
   chosen_reward = beta * (policy_chosen - ref_chosen)
   rejected_reward = beta * (policy_rejected - ref_rejected)
   z = chosen_reward - rejected_reward
+  a, b = policy_chosen - ref_chosen, policy_rejected - ref_rejected
   if loss_type == "sigmoid":
     loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
   elif loss_type == "robust":
@@ -97,6 +104,16 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
   elif loss_type == "ipo":
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     loss = (h - 1.0 / (2.0 * beta)) ** 2
+  elif loss_type == "sppo_hard":
+    loss = (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
+  elif loss_type == "nca_pair":
+    loss = (-jax.nn.log_sigmoid(chosen_reward) - 0.5 * jax.nn.log_sigmoid(-chosen_reward)
+            - 0.5 * jax.nn.log_sigmoid(-rejected_reward))
+  elif loss_type == "kto_pair":
+    weights = jnp.ones_like(a) if valid is None else valid.astype(a.dtype)
+    mean = lambda x: jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)  # noqa: E731
+    kl_chosen, kl_rejected = jnp.maximum(mean(a), 0.0), jnp.maximum(mean(b), 0.0)
+    loss = ((1.0 - jax.nn.sigmoid(beta * (a - kl_rejected))) + (1.0 - jax.nn.sigmoid(beta * (kl_chosen - b)))) / 2
   else:
     raise ValueError(f"dpo_loss: loss_type must be one of {LOSS_TYPES[:-1]}, got {loss_type!r}")
   return loss, jax.lax.stop_gradient(chosen_reward), jax.lax.stop_gradient(rejected_reward)
@@ -135,7 +152,8 @@ def dpo_sums(config: ModelConfig, lcfg: LoraConfig, base, beta: float, label_smo
         if loss_type in MEAN_LOGPS:
           ref = ref / tokens
         ref_c, ref_r = ref[:P], ref[P:]
-      loss, chosen, rejected = dpo_loss(policy[:P], policy[P:], ref_c, ref_r, beta, label_smoothing, loss_type)
+      loss, chosen, rejected = dpo_loss(policy[:P], policy[P:], ref_c, ref_r, beta, label_smoothing, loss_type,
+                                        valid)
     sums = {
         "chosen_reward": jnp.sum(chosen * valid),
         "rejected_reward": jnp.sum(rejected * valid),
