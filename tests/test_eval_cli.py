@@ -58,6 +58,8 @@ def _scores(path):
     return {(r["dataset"], r["metric"]): r["score"] for r in json.load(f)}
 
 
+# The CLI end to end, three ways (22 s): with the slow suite; the fast one keeps its unit tests.
+@pytest.mark.slow
 def test_cli_on_a_params_checkpoint_matches_the_library_and_the_api(setup):
   root, backend, ckpt, config_path = setup
   work = root / "work_cli"

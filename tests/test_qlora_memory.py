@@ -126,6 +126,9 @@ def test_backward_keeps_no_dequantized_weight_as_residual():
   assert big(lambda x: q.project("bte,ef->btf", x, jnp.float32)) == []
 
 
+# The whole QLoRA model twice (32 s): with the slow suite; tests/test_qlora_mlp.py and test_model's full_split
+# case keep the fused MLP and the nested remat in the fast one.
+@pytest.mark.slow
 def test_qlora_step_loss_and_adapter_gradients_equal_the_dequantized_base():
   """The whole QLoRA loss (NF4 embedding, layers and head, double-quantized, the fused MLP, full remat with the
   block's halves checkpointed again) against the same base dequantized to float (the generic MLP): the custom
