@@ -21,26 +21,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 
-UNK, BOS, EOS = "<unk>", "<s>", "</s>"
-PLUGIN, INTERPRETER = "<|plugin|>", "<|interpreter|>"
-ACTION_START, ACTION_END = "<|action_start|>", "<|action_end|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-# In InternLM2's id order (92538..92543); `train_tokenizer` keeps this order.
-CHAT_SPECIAL_PIECES = (PLUGIN, INTERPRETER, ACTION_END, ACTION_START, IM_END, IM_START)
-INTERNLM2_SPECIAL_IDS = {UNK: 0, BOS: 1, EOS: 2, PLUGIN: 92538, INTERPRETER: 92539, ACTION_END: 92540,
-                         ACTION_START: 92541, IM_END: 92542, IM_START: 92543}
-
-ROLES = ("system", "user", "assistant", "environment")
-# Message `name`s that stand for a channel token (LMDeploy's `name_map`); other names are written verbatim.
-_CHANNEL_NAMES = {"plugin": PLUGIN, PLUGIN: PLUGIN, "interpreter": INTERPRETER, INTERPRETER: INTERPRETER}
-
-
-class TokenizerError(ValueError):
-  """A tokenizer file is missing or invalid, or a piece the caller needs is not in the vocabulary."""
-
-
-class ChatTemplateError(TokenizerError):
-  """A chat message or tool schema cannot be rendered in the InternLM2 format."""
+# The chat format's names, re-exported: callers import them from here as well.
+from internlm_jax.chat_template import (  # noqa: F401
+    ACTION_END, ACTION_START, BOS, CHAT_SPECIAL_PIECES, EOS, IM_END, IM_START, INTERNLM2_SPECIAL_IDS, INTERPRETER,
+    PLUGIN, ROLES, UNK, ChatTemplateError, TokenizerError, parse_assistant, render_chat, render_segments)
 
 
 def _hf_added_tokens(folder: str, vocab_size: int) -> dict[str, int]:
@@ -177,161 +161,48 @@ class Tokenizer:
     return render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
   def encode_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None,
-                  add_generation_prompt: bool = True) -> list[int]:
-    """Ids of the rendered chat; `<s>` comes from the template, so BOS appears once."""
+                  add_generation_prompt: bool = True, special_in_content: bool = False) -> list[int]:
+    """Ids of the rendered chat; `<s>` comes from the template, so BOS appears once.
+
+    Special pieces written inside the messages (contents, names, tool calls, tool schemas) are encoded as the
+    text they are, never as their special ids, unless `special_in_content`: a client cannot open a turn, close
+    one or fake a tool call by writing `<|im_end|>` or `<|action_start|>` (OpenAI's rule; HF's
+    `apply_chat_template(tokenize=True)` and LMDeploy parse them, which `special_in_content=True` reproduces).
+    The ids differ from `encode(render_chat(...))` only where the messages hold such a piece.
+    """
     for piece in (IM_START, IM_END) + ((PLUGIN,) if tools else ()):
       self.special_id(piece)
-    return self.encode(render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt))
+    segments = render_segments(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+    if special_in_content:
+      return self.encode("".join(text for text, _ in segments))
+    # Runs of text between the template's special pieces are encoded whole, as `encode` would. A special piece
+    # inside client text is cut after its first character ("<" | "|im_end|>"), so that neither sentencepiece
+    # (which matches user-defined pieces itself) nor the splitting here can see the piece whole; no piece
+    # ends in "<" or holds a "<" after its first character, so the cut cannot make another one.
+    chunks: list[str | int] = []
+    run: list[str] = []
+    for text, from_client in segments:
+      for i, part in enumerate(self._split_re.split(text) if self._piece_ids else [text]):
+        if not i % 2:
+          run.append(part)
+        elif from_client:
+          run.append(part[:1])
+          chunks.append("".join(run))
+          run = [part[1:]]
+        else:
+          chunks += ["".join(run), self._piece_ids[part]]
+          run = []
+    chunks.append("".join(run))
+    ids: list[int] = []
+    for chunk in chunks:
+      if isinstance(chunk, int):
+        ids.append(chunk)
+      elif chunk:
+        ids.extend(self._sp.encode(chunk))
+    return ids
 
   def parse_assistant(self, text: str) -> tuple[str, list[dict[str, Any]]]:
     return parse_assistant(text)
-
-
-# ---- chat template --------------------------------------------------------------------------------------------
-# Matched against InternLM/InternLM chat/chat_format.md (turn layout, environment role, action spans) and
-# InternLM/lmdeploy lmdeploy/model.py `InternLM2Chat7B.messages2prompt` (tools turn placement and JSON,
-# tool_calls rendering, role `tool` -> environment, assistant turns closed by "<|im_end|>\n").
-
-
-def _text(message: Mapping[str, Any], where: str, allow_none: bool) -> str:
-  content = message.get("content")
-  if content is None:
-    if allow_none:
-      return ""
-    raise ChatTemplateError(f"{where} ({message.get('role')!r}) has no 'content'")
-  if isinstance(content, str):
-    return content
-  if isinstance(content, list):  # OpenAI content parts: keep the text ones
-    return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
-  raise ChatTemplateError(f"{where}.content must be a string or a list of parts, got "
-                          f"{type(content).__name__}")
-
-
-def _function_schema(tool: Mapping[str, Any], index: int) -> Mapping[str, Any]:
-  schema = None
-  if isinstance(tool, Mapping) and tool.get("type", "function") == "function":
-    schema = tool.get("function", tool)
-  if not isinstance(schema, Mapping) or "name" not in schema:
-    raise ChatTemplateError(f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ...}}}} or a "
-                            "function schema with a 'name'")
-  return schema
-
-
-def _render_call(call: Mapping[str, Any], where: str) -> str:
-  """One assistant action span, from an OpenAI tool call or a call returned by `parse_assistant`."""
-  if not isinstance(call, Mapping):
-    raise ChatTemplateError(f"{where} must be a dict")
-  if call.get("type") == "interpreter":
-    code = call.get("code")
-    if not isinstance(code, str):
-      raise ChatTemplateError(f"{where} is an interpreter call without a 'code' string")
-    return f"{ACTION_START}{INTERPRETER}\n```python\n{code}\n```{ACTION_END}"
-  if "error" in call and isinstance(call.get("raw"), str):  # a malformed call: replay what the model wrote
-    return f"{ACTION_START}{PLUGIN}\n{call['raw']}{ACTION_END}"
-  function = call.get("function", call)
-  name = function.get("name")
-  args = function.get("arguments", function.get("parameters", {}))
-  if not isinstance(name, str) or not name:
-    raise ChatTemplateError(f"{where} has no function 'name'")
-  if isinstance(args, str):
-    try:
-      args = json.loads(args) if args.strip() else {}
-    except json.JSONDecodeError:
-      raise ChatTemplateError(f"{where} ({name!r}) has arguments that are not valid JSON: {args[:80]!r}") from None
-  body = json.dumps({"name": name, "parameters": args}, ensure_ascii=False)
-  return f"{ACTION_START}{PLUGIN}\n{body}{ACTION_END}"
-
-
-def render_chat(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None,
-                add_generation_prompt: bool = True) -> str:
-  """The InternLM2 chat prompt for OpenAI-style `messages` (and `tools`), starting with `<s>`.
-
-  Roles: system, user, assistant, environment, and OpenAI `tool` (rendered as `environment name=<|plugin|>`).
-  A message `name` of "plugin"/"interpreter" becomes the channel token; other names (e.g. "file") are kept.
-  Assistant `tool_calls` may be OpenAI calls or the dicts `parse_assistant` returns.
-  """
-  if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-    raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
-  turns = [(f"messages[{i}]", message) for i, message in enumerate(messages)]
-  for where, message in turns:
-    if not isinstance(message, Mapping) or "role" not in message:
-      raise ChatTemplateError(f"{where} must be a dict with a 'role'")
-  if tools:
-    schemas = [_function_schema(tool, i) for i, tool in enumerate(tools)]
-    tools_turn = {"role": "system", "name": "plugin", "content": json.dumps(schemas, ensure_ascii=False)}
-    turns.insert(1 if turns and turns[0][1]["role"] == "system" else 0, ("tools", tools_turn))
-  out = [BOS]
-  for where, message in turns:
-    role, name = message["role"], message.get("name")
-    if role == "tool":
-      role, name = "environment", "plugin"
-    if role not in ROLES:
-      raise ChatTemplateError(f"{where} has unknown role {role!r}; use one of {ROLES + ('tool',)}")
-    calls = (message.get("tool_calls") or []) if role == "assistant" else []
-    content = _text(message, where, allow_none=bool(calls))
-    content += "".join(_render_call(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(calls))
-    header = role if name is None else f"{role} name={_CHANNEL_NAMES.get(name, name)}"
-    out.append(f"{IM_START}{header}\n{content}{IM_END}\n")
-  if add_generation_prompt:
-    out.append(f"{IM_START}assistant\n")
-  return "".join(out)
-
-
-# ---- tool-call parsing ----------------------------------------------------------------------------------------
-_FENCE_RE = re.compile(r"^\s*```[\w+-]*\n(.*?)\n?```\s*$", re.DOTALL)
-
-
-def _parse_plugin(body: str) -> dict[str, Any]:
-  try:
-    call = json.loads(body)
-  except json.JSONDecodeError as e:
-    call, error = None, f"invalid JSON: {e.msg} at char {e.pos}"
-  else:
-    error = None if isinstance(call, dict) and isinstance(call.get("name"), str) else "expected {\"name\": ...}"
-  if error is None:
-    args = call.get("parameters", call.get("arguments", {}))
-    if isinstance(args, str):  # some fine-tunes emit OpenAI-style string arguments
-      try:
-        args = json.loads(args)
-      except json.JSONDecodeError:
-        error = "'parameters' is a string that is not JSON"
-    if error is None and not isinstance(args, dict):
-      error = "'parameters' must be a JSON object"
-  if error is not None:
-    name = call.get("name") if isinstance(call, dict) else None
-    return {"type": "plugin", "name": name, "arguments": None, "raw": body, "error": error}
-  return {"type": "plugin", "name": call["name"], "arguments": args}
-
-
-def parse_assistant(text: str) -> tuple[str, list[dict[str, Any]]]:
-  """Splits model output into (content, tool calls).
-
-  Calls are `{"type": "plugin", "name": str, "arguments": dict}` or `{"type": "interpreter", "code": str}`.
-  A plugin call whose body is not a JSON object with a "name" does not raise: it comes back as
-  `{"type": "plugin", "name": name-or-None, "arguments": None, "raw": body, "error": reason}` so an agent can
-  tell the model what went wrong. A call cut off before `<|action_end|>` (a stop word in LMDeploy) is parsed up
-  to the end of the text. Trailing `<|im_end|>` / `</s>` are dropped and the content is stripped.
-  """
-  text = text.strip()
-  for stop in (EOS, IM_END):
-    text = text[:-len(stop)].rstrip() if text.endswith(stop) else text
-  content: list[str] = []
-  calls: list[dict[str, Any]] = []
-  rest = text
-  while ACTION_START in rest:
-    before, rest = rest.split(ACTION_START, 1)
-    content.append(before)
-    body, closed, rest = rest.partition(ACTION_END)
-    if body.startswith(PLUGIN):
-      calls.append(_parse_plugin(body[len(PLUGIN):].strip()))
-    elif body.startswith(INTERPRETER):
-      code = body[len(INTERPRETER):].strip("\n")
-      fenced = _FENCE_RE.match(code)
-      calls.append({"type": "interpreter", "code": fenced.group(1) if fenced else code.strip()})
-    else:  # an action span on no known channel is not a call: keep it visible
-      content.append(ACTION_START + body + closed)
-  content.append(rest)
-  return "".join(content).strip(), calls
 
 
 # ---- training -------------------------------------------------------------------------------------------------
