@@ -234,13 +234,14 @@ def main(argv):
     if LLAMACPP.value and "decode" in SECTIONS.value:
       from internlm_jax.serve.bench_peers import bench_llamacpp
       with tempfile.TemporaryDirectory() as d:
-        f32, th_f32, f32_tokens, f32_logits = bench_llamacpp(config, params, prompts[0], N, "f32", d)
-        q80, th_q80, _, _ = bench_llamacpp(config, params, prompts[0], N, "q8_0", d)
+        f32, th_f32, f32_tokens, f32_logits, bufts_f32 = bench_llamacpp(config, params, prompts[0], N, "f32", d)
+        q80, th_q80, _, _, bufts_q80 = bench_llamacpp(config, params, prompts[0], N, "q8_0", d)
       same = next((i for i, (a, b) in enumerate(zip(f32_tokens, ours_tokens[0])) if a != b), N)
       res.update(llamacpp_tokens_per_sec_batch1_f32=f32, llamacpp_tokens_per_sec_batch1_q8_0=q80,
                  vs_llamacpp_batch1=tps1 / f32, vs_llamacpp_batch1_int8_vs_q8_0=tps1_q8 / q80,
                  llamacpp_logits_rel_err=float(np.abs(f32_logits - ours_logits).max() / np.abs(f32_logits).max()),
-                 llamacpp_greedy_tokens_equal=same, llamacpp_threads=[th_f32, th_q80])
+                 llamacpp_greedy_tokens_equal=same, llamacpp_threads=[th_f32, th_q80],
+                 llamacpp_extra_bufts=[bufts_f32, bufts_q80])
       save("llama.cpp")
 
   if "load" not in SECTIONS.value:

@@ -52,3 +52,29 @@ def test_gguf_export_of_an_int8_model_holds_its_dequantized_weights(tmp_path):
   dequantized = dict(params, layers=dict(params["layers"], wqkv=wqkv.astype(np.float32)))
   want = llama_tensors(config, dequantized)["blk.0.attn_q.weight"]
   np.testing.assert_array_equal(stored["blk.0.attn_q.weight"].reshape(want.shape), want)
+
+
+def test_llamacpp_peer_retries_a_crash_without_extra_buffer_types(tmp_path, monkeypatch):
+  """A llama.cpp build that segfaults with its repacking buffer types (seen with AMX) costs one retry, not the
+  benchmark, and the result says which setting ran; a crash without them is an error naming the file."""
+  from internlm_jax.serve import bench_peers
+  config, params = tiny_model()
+  calls = []
+
+  def child(path, prompt, new_tokens, threads, extra_bufts):
+    calls.append(extra_bufts)
+    if extra_bufts:
+      raise bench_peers._PeerCrashed("the llama.cpp child died with signal 11")
+    return {"seconds": 0.5, "tokens": [1] * new_tokens, "first": [0.0] * config.vocab_size}
+
+  monkeypatch.setattr(bench_peers, "_llamacpp_child", child)
+  monkeypatch.setattr(bench_peers, "_thread_counts", lambda: [1, 2])
+  rate, threads, tokens, first, extra_bufts = bench_peers.bench_llamacpp(config, params, [5, 6], 4, "f32", tmp_path)
+  assert calls == [True, False, False] and extra_bufts is False and rate == 8.0 and first.shape == (config.vocab_size,)
+  assert not list(tmp_path.iterdir())  # the exported file is removed
+
+  monkeypatch.setattr(bench_peers, "_llamacpp_child",
+                      lambda *a: (_ for _ in ()).throw(bench_peers._PeerCrashed("signal 11")))
+  with pytest.raises(RuntimeError, match="even without extra buffer types"):
+    bench_peers.bench_llamacpp(config, params, [5, 6], 4, "f32", tmp_path)
+  assert not list(tmp_path.iterdir())

@@ -4,6 +4,8 @@ serve/gguf.py), timed the same way as our engine."""
 import os
 import time
 
+import numpy as np
+
 from internlm_jax.train.metrics import median_seconds
 
 _HF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -102,34 +104,78 @@ def _transformers_rate(model, ids, new_tokens):
 
 def bench_llamacpp(config, params, prompt, new_tokens, file_type, directory):
   """Batch-1 greedy decode through llama-cpp-python on our weights exported to GGUF, with the better thread
-  count -> (tokens/s, threads, tokens, logits of the prompt's next token)."""
-  import llama_cpp
+  count -> (tokens/s, threads, tokens, logits of the prompt's next token, extra buffer types on).
+
+  Each timing runs in a child process: a fresh llama-cpp-python 0.3.36 build with AVX-512 and AMX segfaulted in
+  llama_decode on our q8_0 export for prompts over one token (its repacking "extra buffer types"), which would
+  kill the benchmark. A crash is retried once with `use_extra_bufts=False`, and the result says which ran."""
   from internlm_jax.serve.gguf import export_gguf
   path = export_gguf(config, params, os.path.join(directory, f"bench-{file_type}.gguf"), file_type)
-  best = None
-  for threads in _thread_counts():
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new_tokens + 16, n_batch=len(prompt),
-                          n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
-    seconds, tokens, first = _llamacpp_run(llm, prompt, new_tokens)
-    llm.close()
-    if best is None or new_tokens / seconds > best[0]:
-      best = (new_tokens / seconds, threads, tokens, first)
-  os.remove(path)
+  best, extra_bufts = None, True
+  try:
+    for threads in _thread_counts():
+      try:
+        run = _llamacpp_child(path, prompt, new_tokens, threads, extra_bufts)
+      except _PeerCrashed as e:
+        if not extra_bufts:
+          raise RuntimeError(f"llama.cpp crashed on {path} even without extra buffer types: {e}") from None
+        print(f"llama.cpp {file_type}: {e}; again with use_extra_bufts=False", flush=True)
+        extra_bufts = False
+        try:
+          run = _llamacpp_child(path, prompt, new_tokens, threads, extra_bufts)
+        except _PeerCrashed as again:
+          raise RuntimeError(f"llama.cpp crashed on {path} even without extra buffer types: {again}") from None
+      rate = new_tokens / run["seconds"]
+      if best is None or rate > best[0]:
+        best = (rate, threads, run["tokens"], np.array(run["first"], np.float32), extra_bufts)
+  finally:
+    os.remove(path)
   return best
 
 
-def _llamacpp_run(llm, prompt, new_tokens):
-  import numpy as np
+class _PeerCrashed(RuntimeError):
+  pass
 
-  def run():
-    llm.reset()
-    llm.eval(prompt)
-    first = np.array(llm.scores[llm.n_tokens - 1])
-    start, tokens = time.perf_counter(), []
-    for _ in range(new_tokens):
-      tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-      llm.eval([tokens[-1]])
-    return time.perf_counter() - start, tokens, first
 
-  run()
-  return min((run() for _ in range(2)), key=lambda r: r[0])
+# The child: load with the given extra-buffer setting, one untimed run, then the faster of two timed ones.
+_LLAMACPP_CHILD = """
+import json, sys, time
+import llama_cpp
+import numpy as np
+path, prompt, new, threads, extra = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+default_params = llama_cpp.llama_cpp.llama_model_default_params
+def model_params():
+  params = default_params()
+  params.use_extra_bufts = extra
+  return params
+llama_cpp.llama_cpp.llama_model_default_params = model_params
+llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new + 16, n_batch=len(prompt), n_threads=threads,
+                      n_threads_batch=threads, logits_all=True, verbose=False)
+def run():
+  llm.reset()
+  llm.eval(prompt)
+  first = np.array(llm.scores[llm.n_tokens - 1])
+  start, tokens = time.perf_counter(), []
+  for _ in range(new):
+    tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    llm.eval([tokens[-1]])
+  return time.perf_counter() - start, tokens, first
+run()
+seconds, tokens, first = min((run() for _ in range(2)), key=lambda r: r[0])
+llm.close()
+print(json.dumps({"seconds": seconds, "tokens": tokens, "first": first.tolist()}))
+"""
+
+
+def _llamacpp_child(path, prompt, new_tokens, threads, extra_bufts) -> dict:
+  import json
+  import subprocess
+  import sys
+  args = [sys.executable, "-c", _LLAMACPP_CHILD, path, json.dumps([int(t) for t in prompt]), str(new_tokens),
+          str(threads), "1" if extra_bufts else "0"]
+  out = subprocess.run(args, capture_output=True, text=True, timeout=900)
+  if out.returncode < 0:
+    raise _PeerCrashed(f"the llama.cpp child died with signal {-out.returncode}")
+  if out.returncode:
+    raise RuntimeError(f"the llama.cpp child failed: {out.stderr.strip().splitlines()[-1:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
