@@ -5,7 +5,9 @@
 #      matmul peak, then the transformers peer in a second process so that each has the whole card;
 #   3. attention: Pallas flash vs XLA / cuDNN, a sweep of Pallas tilings, paged decode vs copy bandwidth;
 #   4. serve: decode tokens/s, float32 and int8 weights, against transformers generate on the card (int8's
-#      whole-weight path on a GPU was not yet timed: the CPU-only row blocks are off there since session 6).
+#      whole-weight path on a GPU was not yet timed: the CPU-only row blocks are off there since session 6);
+#   5. load: continuous vs static batching under Poisson arrivals (section c, 200 requests), never run on a GPU yet:
+#      on this CPU decode at batch 32 is compute-bound, so batching gains little (1.35-1.40x, target 2x).
 # Usage (repository root, on the GPU machine): OUT=/tmp/out bash experiments/device_check.sh [seconds]
 # PRESET / SEQ / BATCH / ATTN override the train shape (a dry run on CPU: PRESET=tiny SEQ=64 BATCH=2).
 set -u
@@ -43,4 +45,5 @@ stage train 150 $PY $TRAIN --attention_impl=$ATTN --torch=false --out="$OUT/trai
 stage attention 140 $PY experiments/bench_attention.py --seq_lens=4096 --repeats=5 --out="$OUT/attention.json" \
   --gpu_block_sweep=128/64/64/64,128/128/64/64,64/64/64/64,128/64/128/64,128/64/64/128,64/128/64/64
 stage serve 120 $PY experiments/bench_serve.py --sections=decode --llamacpp=false --out="$OUT/serve.json"
+stage load 120 $PY experiments/bench_serve.py --sections=load --rates=auto --out="$OUT/load.json"
 echo "=== done, $(( deadline - $(date +%s) ))s before the deadline"
