@@ -45,11 +45,11 @@ def load_params_checkpoint(directory: str | os.PathLike, *, mesh=None,
   directory = os.path.abspath(os.fspath(directory))
   if os.path.isdir(os.path.join(directory, TRAINING_CHECKPOINTS)):
     return load_training_params(directory, mesh=mesh, rules=rules)
-  config = _read_config(os.path.join(directory, CONFIG_FILE))
+  config = read_config(os.path.join(directory, CONFIG_FILE))
   return config, _restore_params(os.path.join(directory, PARAMS_DIR), config, mesh, rules)
 
 
-def _read_config(path: str) -> ModelConfig:
+def read_config(path: str) -> ModelConfig:
   try:
     with open(path) as f:
       fields = json.load(f)
@@ -91,7 +91,7 @@ def load_training_params(workdir: str | os.PathLike, *, step: int | None = None,
   The optimizer state stays on disk: a partial orbax restore of the TrainState's `params` subtree.
   """
   workdir = os.path.abspath(os.fspath(workdir))
-  config = _read_config(os.path.join(workdir, CONFIG_FILE))
+  config = read_config(os.path.join(workdir, CONFIG_FILE))
   steps = training_steps(workdir)
   if not steps:
     raise ConfigError(f"{workdir}: no committed checkpoint under {TRAINING_CHECKPOINTS}/")

@@ -14,7 +14,7 @@ from internlm_jax import lora_io
 from internlm_jax.config import ModelConfig, from_hf_config, get_preset
 from internlm_jax.hf_io import load_hf_checkpoint
 from internlm_jax.model import init_params
-from internlm_jax.params_io import CONFIG_FILE, _read_config, load_params_checkpoint
+from internlm_jax.params_io import CONFIG_FILE, read_config, load_params_checkpoint
 from internlm_jax.quant import nbytes as quant_nbytes
 from internlm_jax.quant import quantize_params
 from internlm_jax.serve.engine import Engine, EngineConfig
@@ -72,7 +72,7 @@ def _base_config(checkpoint, preset) -> ModelConfig | None:
   if os.path.isfile(os.path.join(checkpoint, "config.json")):
     return from_hf_config(checkpoint)
   if os.path.isfile(os.path.join(checkpoint, CONFIG_FILE)):
-    return _read_config(os.path.join(checkpoint, CONFIG_FILE))
+    return read_config(os.path.join(checkpoint, CONFIG_FILE))
   return None
 
 
