@@ -25,16 +25,14 @@ head and anything else that reads a weight with `w.astype(compute_dtype)` gets t
 dropout key, which the SFT step derives from the state's key and step; with gradient accumulation the
 micro-batches of a step share their masks.
 
-PEFT export: torch Linear weights are [out, in], so lora_A.weight = a[i] viewed [in, r], transposed ([r, in]) and
-lora_B.weight = b[i] viewed [r, out], transposed ([out, r]); the flattening orders are those of hf_io (wqkv rows
-grouped per kv head; wo columns head-major).
+PEFT export (lora_io.py): torch Linear weights are [out, in], so lora_A.weight = a[i] viewed [in, r], transposed
+([r, in]) and lora_B.weight = b[i] viewed [r, out], transposed ([out, r]); the flattening orders are those of
+hf_io (wqkv rows grouped per kv head; wo columns head-major).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import warnings
 from typing import Any
 
@@ -58,9 +56,6 @@ TARGETS: dict[str, tuple[tuple[str, ...], int, int, str]] = {
     "w3": (("layers", "w3"), 1, 1, "model.layers.{i}.feed_forward.w3"),
     "output": (("output",), 1, 1, "output"),
 }
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
 
 
 class LoraError(ValueError):
@@ -283,117 +278,6 @@ def unmerge(merged: Params, lora: Params, lcfg: LoraConfig) -> Params:
     node = _get(lora, path)
     neg = _with(neg, path, {"a": node["a"], "b": -node["b"]})
   return merge(merged, neg, lcfg)
-
-
-# ---- PEFT-compatible adapter folders -------------------------------------------------------------------------
-def to_peft_state_dict(config: ModelConfig, lcfg: LoraConfig, lora: Params) -> dict[str, np.ndarray]:
-  """{PEFT key: float32 torch-layout array}, e.g. base_model.model.model.layers.0.attention.wqkv.lora_A.weight."""
-  out = {}
-  for name in lcfg.targets:
-    path, _, _, stem = TARGETS[name]
-    node = _get(lora, path)
-    a, b = np.asarray(jax.device_get(node["a"]), np.float32), np.asarray(jax.device_get(node["b"]), np.float32)
-    layers = range(config.num_layers) if path[0] == "layers" else [None]
-    for i in layers:
-      ai, bi = (a, b) if i is None else (a[i], b[i])
-      key = _PEFT_PREFIX + (stem.format(i=i) if i is not None else stem)
-      out[key + ".lora_A.weight"] = np.ascontiguousarray(ai.reshape(-1, lcfg.rank).T)
-      out[key + ".lora_B.weight"] = np.ascontiguousarray(bi.reshape(lcfg.rank, -1).T)
-  return out
-
-
-def from_peft_state_dict(config: ModelConfig, lcfg: LoraConfig, tensors: dict[str, Any], mesh=None,
-                         rules: ShardingRules = DEFAULT_RULES) -> Params:
-  """The adapter tree from PEFT tensors; every expected key must be present with its exact shape."""
-  specs = lora_specs(config, lcfg)
-  # PEFT sometimes keeps the adapter name in the key ("lora_A.default.weight"); accept both.
-  tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
-  used, out = set(), {}
-  for name in lcfg.targets:
-    path, _, _, stem = TARGETS[name]
-    spec = _get(specs, path)
-    blocks = {"a": [], "b": []}
-    layers = range(config.num_layers) if path[0] == "layers" else [None]
-    for i in layers:
-      key = _PEFT_PREFIX + (stem.format(i=i) if i is not None else stem)
-      for part, suffix in (("a", ".lora_A.weight"), ("b", ".lora_B.weight")):
-        if key + suffix not in tensors:
-          raise LoraError(f"adapter has no tensor {key + suffix}")
-        t = np.asarray(tensors[key + suffix], np.float32)
-        one = spec[part].shape[1:] if i is not None else spec[part].shape  # our per-layer shape
-        want = (lcfg.rank, math.prod(one[:-1])) if part == "a" else (math.prod(one[1:]), lcfg.rank)
-        if t.shape != want:
-          raise LoraError(f"adapter tensor {key + suffix} has shape {list(t.shape)}, expected {list(want)}")
-        blocks[part].append(t.T.reshape(one))
-        used.add(key + suffix)
-    leaf = {p: np.stack(v) if path[0] == "layers" else v[0] for p, v in blocks.items()}
-    out = _with(out, path, leaf)
-  extra = sorted(set(tensors) - used)
-  if extra:
-    raise LoraError(f"adapter has tensor(s) for modules outside targets {list(lcfg.targets)}: {extra[:3]}")
-  shardings = lora_shardings(config, lcfg, mesh, rules) if mesh is not None else None
-  if shardings is None:
-    return jax.tree.map(jnp.asarray, out)
-  return jax.tree.map(lambda x, s: jax.device_put(x, s), out, shardings)
-
-
-def save_adapter(path: str | os.PathLike, config: ModelConfig, lcfg: LoraConfig, lora: Params, *,
-                 base_model_name_or_path: str | None = None) -> None:
-  """Writes adapter_config.json + adapter_model.safetensors, loadable with `peft.PeftModel.from_pretrained`."""
-  from safetensors.numpy import save_file  # noqa: PLC0415  (only adapter I/O needs it)
-  folder = os.fspath(path)
-  tensors = to_peft_state_dict(config, lcfg, lora)
-  if jax.process_index() != 0:
-    return
-  os.makedirs(folder, exist_ok=True)
-  save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-  adapter_config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lcfg.rank, "lora_alpha": lcfg.alpha,
-      "lora_dropout": lcfg.dropout, "target_modules": list(lcfg.targets), "bias": "none",
-      "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None, "inference_mode": True,
-      "init_lora_weights": True, "base_model_name_or_path": base_model_name_or_path,
-  }
-  with open(os.path.join(folder, ADAPTER_CONFIG), "w") as f:
-    json.dump(adapter_config, f, indent=2)
-
-
-_UNSUPPORTED = {"use_rslora": False, "use_dora": False, "lora_bias": False, "bias": "none", "fan_in_fan_out": False,
-                "layers_to_transform": None, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
-
-
-def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
-  """(LoraConfig, the raw adapter_config.json) of a PEFT LoRA folder; LoraError when it is not one we load."""
-  cfg_path = os.path.join(os.fspath(path), ADAPTER_CONFIG)
-  try:
-    with open(cfg_path) as f:
-      raw = json.load(f)
-  except FileNotFoundError:
-    raise LoraError(f"{cfg_path}: missing; not an adapter folder") from None
-  if raw.get("peft_type") != "LORA":
-    raise LoraError(f"{cfg_path}: peft_type is {raw.get('peft_type')!r}, only 'LORA' adapters load")
-  for key, ok in _UNSUPPORTED.items():
-    if raw.get(key, ok) not in (ok, None) and not (ok == {} and not raw.get(key)):
-      raise LoraError(f"{cfg_path}: {key}={raw[key]!r} is not supported (expected {ok!r})")
-  targets = raw.get("target_modules")
-  if isinstance(targets, str) or not targets:
-    raise LoraError(f"{cfg_path}: target_modules must be a list of names from {sorted(TARGETS)}, got {targets!r}")
-  # PEFT matches a target by its dotted suffix ("attention.wqkv" names wqkv); r and lora_alpha default to 8 there.
-  targets = tuple(str(t).rsplit(".", 1)[-1] for t in targets)
-  lcfg = LoraConfig(rank=int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", 8)),
-                    dropout=float(raw.get("lora_dropout", 0.0)), targets=targets)
-  return lcfg, raw
-
-
-def load_adapter(path: str | os.PathLike, config: ModelConfig, *, mesh=None,
-                 rules: ShardingRules = DEFAULT_RULES) -> tuple[LoraConfig, Params]:
-  """(LoraConfig, adapter tree) from a PEFT LoRA folder for an InternLM2 model (ours or PEFT's)."""
-  from safetensors.numpy import load_file  # noqa: PLC0415
-  folder = os.fspath(path)
-  lcfg, _ = read_adapter_config(folder)
-  weights = os.path.join(folder, ADAPTER_WEIGHTS)
-  if not os.path.isfile(weights):
-    raise LoraError(f"{weights}: missing (adapter_model.bin is not supported)")
-  return lcfg, from_peft_state_dict(config, lcfg, load_file(weights), mesh=mesh, rules=rules)
 
 
 def trainable_count(lora: Params) -> int:

@@ -18,7 +18,8 @@ from internlm_jax.config import ConfigError
 from internlm_jax.data import shakespeare_tasks as st
 from internlm_jax.finetune import run, validate
 from internlm_jax.hf_io import load_hf_checkpoint, save_hf_checkpoint
-from internlm_jax.lora import apply_lora, load_adapter, lora_delta
+from internlm_jax.lora import apply_lora, lora_delta
+from internlm_jax.lora_io import load_adapter
 from internlm_jax.model import ParamSpec, forward, param_specs
 from internlm_jax.quant_nf4 import dequantize, quantize
 

@@ -5,7 +5,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from internlm_jax import PRESETS, forward, init_params

@@ -1,6 +1,5 @@
 """HF checkpoint I/O: bit-exact round trips, sharded files, loading onto a mesh, streaming reads, bad inputs,
 and the convert script (HF -> params checkpoint -> HF)."""
-import importlib.util
 import json
 import os
 import subprocess

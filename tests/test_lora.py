@@ -10,6 +10,7 @@ import pytest
 
 from internlm_jax import PRESETS, forward, init_params, make_mesh
 from internlm_jax import lora as L
+from internlm_jax import lora_io as LIO
 from internlm_jax import quant_nf4 as Q
 from internlm_jax.hf_io import to_hf_state_dict
 from internlm_jax.train import OptimizerConfig, make_optimizer
@@ -203,12 +204,12 @@ def test_adapters_shard_like_their_base():
 
 def test_peft_names_round_trip(base, tmp_path):
   lora = _noisy(L.init_lora(CONFIG, LCFG, jax.random.key(1)))
-  L.save_adapter(tmp_path, CONFIG, LCFG, lora, base_model_name_or_path="internlm/internlm2-chat-7b")
-  cfg = json.loads((tmp_path / L.ADAPTER_CONFIG).read_text())
+  LIO.save_adapter(tmp_path, CONFIG, LCFG, lora, base_model_name_or_path="internlm/internlm2-chat-7b")
+  cfg = json.loads((tmp_path / LIO.ADAPTER_CONFIG).read_text())
   assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
   assert cfg["target_modules"] == ["wqkv", "wo", "w1", "w2", "w3", "output"]
   from safetensors.numpy import load_file
-  tensors = load_file(tmp_path / L.ADAPTER_WEIGHTS)
+  tensors = load_file(tmp_path / LIO.ADAPTER_WEIGHTS)
   assert tensors["base_model.model.model.layers.1.attention.wqkv.lora_A.weight"].shape == (4, 64)
   assert tensors["base_model.model.model.layers.1.attention.wqkv.lora_B.weight"].shape == (2 * 4 * 16, 4)
   assert tensors["base_model.model.model.layers.0.attention.wo.lora_A.weight"].shape == (4, 4 * 16)
@@ -221,18 +222,18 @@ def test_peft_names_round_trip(base, tmp_path):
     delta = tensors[f"base_model.model.{stem}.lora_B.weight"] @ tensors[f"base_model.model.{stem}.lora_A.weight"]
     np.testing.assert_allclose(LCFG.scale * delta, hf_merged[stem + ".weight"] - hf_base[stem + ".weight"],
                                atol=1e-6)
-  lcfg2, lora2 = L.load_adapter(tmp_path, CONFIG)
+  lcfg2, lora2 = LIO.load_adapter(tmp_path, CONFIG)
   assert lcfg2 == LCFG
   for got, want in zip(jax.tree.leaves(lora2), jax.tree.leaves(lora)):
     np.testing.assert_array_equal(got, want)
   # PEFT's dotted-suffix target names load as the bare names (they were refused).
   cfg["target_modules"] = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
                            "feed_forward.w3", "output"]
-  (tmp_path / L.ADAPTER_CONFIG).write_text(json.dumps(cfg))
-  assert L.load_adapter(tmp_path, CONFIG)[0] == LCFG
+  (tmp_path / LIO.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+  assert LIO.load_adapter(tmp_path, CONFIG)[0] == LCFG
   del tensors["base_model.model.output.lora_A.weight"]
   with pytest.raises(L.LoraError, match="output.lora_A"):
-    L.from_peft_state_dict(CONFIG, LCFG, tensors)
+    LIO.from_peft_state_dict(CONFIG, LCFG, tensors)
 
 
 def _torch_skeleton(config):
@@ -273,7 +274,7 @@ def test_peft_loads_our_adapter_and_we_load_peft(base, tmp_path):
   lora = _noisy(L.init_lora(CONFIG, LCFG, jax.random.key(1)))
   hf_base = to_hf_state_dict(CONFIG, base)
   linear_keys = set(_torch_skeleton(CONFIG).state_dict())
-  L.save_adapter(tmp_path / "ours", CONFIG, LCFG, lora)
+  LIO.save_adapter(tmp_path / "ours", CONFIG, LCFG, lora)
   model = peft.PeftModel.from_pretrained(_linear_weights(_torch_skeleton(CONFIG), hf_base), tmp_path / "ours")
   merged = {k: v.detach().numpy() for k, v in model.merge_and_unload().state_dict().items()}
   want = to_hf_state_dict(CONFIG, L.merge(base, lora, LCFG))
@@ -285,7 +286,7 @@ def test_peft_loads_our_adapter_and_we_load_peft(base, tmp_path):
   pcfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["wqkv", "w2", "output"], init_lora_weights=False)
   theirs = peft.get_peft_model(_linear_weights(_torch_skeleton(CONFIG), hf_base), pcfg)
   theirs.save_pretrained(tmp_path / "theirs")
-  lcfg, adapters = L.load_adapter(tmp_path / "theirs", CONFIG)
+  lcfg, adapters = LIO.load_adapter(tmp_path / "theirs", CONFIG)
   assert (lcfg.rank, lcfg.scale, lcfg.targets) == (2, 3.0, ("wqkv", "w2", "output"))
   merged = {k: v.detach().numpy() for k, v in theirs.merge_and_unload().state_dict().items()}
   ours = to_hf_state_dict(CONFIG, L.merge(base, adapters, lcfg))

@@ -13,6 +13,7 @@ import pytest
 
 from internlm_jax import forward, hf_io
 from internlm_jax import lora as L
+from internlm_jax import lora_io as LIO
 from internlm_jax.quant import quantize_params
 from internlm_jax.serve import loading
 from internlm_jax.serve.testing import tiny_model
@@ -35,7 +36,7 @@ def saved(tmp_path_factory):
   config, params = tiny_model()
   lora = _adapter(config)
   hf_io.save_hf_checkpoint(root / "hf", config, params)
-  L.save_adapter(root / "adapter", config, LCFG, lora, base_model_name_or_path=str(root / "hf"))
+  LIO.save_adapter(root / "adapter", config, LCFG, lora, base_model_name_or_path=str(root / "hf"))
   return types.SimpleNamespace(root=root, hf=str(root / "hf"), adapter=str(root / "adapter"), config=config,
                                params=params, lora=lora)
 
@@ -86,7 +87,7 @@ def test_adapter_for_another_base_is_one_line_before_the_base_loads(saved, monke
   for name, (overrides, message) in cases.items():
     other = saved.config.replace(**overrides)
     folder = str(saved.root / f"for_{name}")
-    L.save_adapter(folder, other, LCFG, _adapter(other), base_model_name_or_path="elsewhere/base")
+    LIO.save_adapter(folder, other, LCFG, _adapter(other), base_model_name_or_path="elsewhere/base")
     with pytest.raises(ValueError, match=message) as e:
       loading.load_model(saved.hf, adapter=folder)
     assert folder in str(e.value) and "\n" not in str(e.value) and "(elsewhere/base)" in str(e.value)
@@ -96,7 +97,7 @@ def test_adapter_for_another_base_is_one_line_before_the_base_loads(saved, monke
   os.makedirs(saved.root / "empty")
   with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
     loading.load_model(saved.hf, adapter=str(saved.root / "empty"))
-  (saved.root / "empty" / L.ADAPTER_CONFIG).write_text((saved.root / "adapter" / L.ADAPTER_CONFIG).read_text())
+  (saved.root / "empty" / LIO.ADAPTER_CONFIG).write_text((saved.root / "adapter" / LIO.ADAPTER_CONFIG).read_text())
   with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors") as e:
     loading.load_model(saved.hf, adapter=str(saved.root / "empty"))
   assert str(saved.root / "empty") in str(e.value) and "\n" not in str(e.value)
@@ -105,15 +106,15 @@ def test_adapter_for_another_base_is_one_line_before_the_base_loads(saved, monke
 def test_missing_tensor_and_wrong_rank_name_the_tensor(saved):
   from safetensors.numpy import load_file, save_file
   config = saved.config
-  tensors = load_file(os.path.join(saved.adapter, L.ADAPTER_WEIGHTS))
+  tensors = load_file(os.path.join(saved.adapter, LIO.ADAPTER_WEIGHTS))
   folder = saved.root / "broken"
   os.makedirs(folder)
-  (folder / L.ADAPTER_CONFIG).write_text((saved.root / "adapter" / L.ADAPTER_CONFIG).read_text())
+  (folder / LIO.ADAPTER_CONFIG).write_text((saved.root / "adapter" / LIO.ADAPTER_CONFIG).read_text())
   key = "base_model.model.model.layers.1.feed_forward.w2.lora_B.weight"
-  save_file({k: v for k, v in tensors.items() if k != key}, str(folder / L.ADAPTER_WEIGHTS))
+  save_file({k: v for k, v in tensors.items() if k != key}, str(folder / LIO.ADAPTER_WEIGHTS))
   with pytest.raises(ValueError, match=f"has no tensor {key}"):
     loading.load_model(saved.hf, adapter=str(folder))
-  save_file({**tensors, key: np.zeros((config.hidden_size, 3), np.float32)}, str(folder / L.ADAPTER_WEIGHTS))
+  save_file({**tensors, key: np.zeros((config.hidden_size, 3), np.float32)}, str(folder / LIO.ADAPTER_WEIGHTS))
   with pytest.raises(ValueError, match=f"tensor {key} has rank 3, its adapter_config.json says r=4"):
     loading.load_model(saved.hf, adapter=str(folder))
 
@@ -175,7 +176,7 @@ def test_evaluate_flags_merge_the_adapter(saved, monkeypatch, tmp_path):
       params=params, name=name))
   with _script("evaluate", monkeypatch) as (evaluate, FLAGS):
     FLAGS(["evaluate.py", f"--workdir={tmp_path}", f"--checkpoint={saved.hf}", f"--adapter={saved.adapter}",
-           f"--tokenizer={saved.adapter}/{L.ADAPTER_CONFIG}"])
+           f"--tokenizer={saved.adapter}/{LIO.ADAPTER_CONFIG}"])
     evaluate._backend({})
     assert seen["name"] == "adapter"
     _assert_merged(seen["params"], saved)

@@ -37,8 +37,8 @@ from internlm_jax.finetune import dpo_eval
 from internlm_jax.finetune.data import build_finetune_data, split_list
 from internlm_jax.finetune.evaluate import choice_accuracy
 from internlm_jax.hf_io import save_hf_checkpoint
-from internlm_jax.lora import (LoraConfig, LoraError, apply_lora, init_lora, lora_shardings, loraplus, merge,
-                               save_adapter)
+from internlm_jax.lora import LoraConfig, LoraError, apply_lora, init_lora, lora_shardings, loraplus, merge
+from internlm_jax.lora_io import save_adapter
 from internlm_jax.model import param_shardings
 from internlm_jax.quant_nf4 import KINDS, QUANT_TARGETS, dequantize_params, quantize_params
 from internlm_jax.sharding import DEFAULT_RULES, make_mesh

@@ -39,7 +39,7 @@ def _widths(config: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def stack_adapters(config: ModelConfig, adapters: Sequence[tuple[LoraConfig, dict]], dtype=None) -> dict:
   """{"layers": tuple of per-layer {target: (A, B)}, "output": (A, B) (only when an adapter targets the head),
-  "rank": r, "count": N} from adapter trees as lora.load_adapter returns them (stacked [L, ...] leaves)."""
+  "rank": r, "count": N} from adapter trees as lora_io.load_adapter returns them (stacked [L, ...] leaves)."""
   if not adapters:
     raise ValueError("stack_adapters needs at least one adapter")
   dtype = jnp.dtype(dtype or config.dtype)

@@ -2,7 +2,6 @@
 our weights (float32 LlamaForCausalLM, and the same with PyTorch dynamic int8 Linear layers; GGUF f32 / q8_0 via
 serve/gguf.py), timed the same way as our engine."""
 import os
-import time
 
 import numpy as np
 

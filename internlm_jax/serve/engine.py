@@ -50,7 +50,7 @@ class Engine:
 
   def __init__(self, params: dict[str, Any], config: ModelConfig, engine_config: EngineConfig = EngineConfig(),
                *, mesh=None, rules: ShardingRules = DEFAULT_RULES, adapters: Sequence[tuple[Any, dict]] = ()):
-    """`adapters`: (LoraConfig, adapter tree) pairs (lora.load_adapter) served beside the base; a request picks
+    """`adapters`: (LoraConfig, adapter tree) pairs (lora_io.load_adapter) served beside the base; a request picks
     adapter j (1-based; 0 the base) by SamplingParams.adapter (adapters.py)."""
     ec = engine_config
     self.config, self.ec, self.mesh = config, ec, mesh

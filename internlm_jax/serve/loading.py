@@ -47,7 +47,7 @@ def load_model(checkpoint: str | None, *, preset: str | None = None, mesh=None, 
   """(config, params) from an HF InternLM2 folder (config.json + safetensors), a params checkpoint folder
   (model_config.json + params/) or a training workdir (model_config.json + checkpoints/: its newest); with
   `preset` and no checkpoint, random weights (benchmarks, smoke tests).
-  `adapter`, a PEFT LoRA folder (lora.save_adapter; experiments/finetune.py's WORKDIR/adapter), is checked against
+  `adapter`, a PEFT LoRA folder (lora_io.save_adapter; experiments/finetune.py's WORKDIR/adapter), is checked against
   the base before its weights load and merged in float32 before the `dtype` cast and quantization (lora_io.py).
   `quant` "int8" (per channel) or "int4" (group-wise) quantizes the matmul weights (see quant.py)."""
   base = checkpoint or f"preset {preset}"
@@ -132,7 +132,6 @@ def host_available_bytes() -> int | None:
 def load_served_adapters(specs, config: ModelConfig, *, base: str, mesh=None) -> tuple[tuple[str, ...], list]:
   """`--adapters` items "NAME=DIR" (LMDeploy's form) -> (names, [(LoraConfig, adapter tree)]) for
   Engine(adapters=...): each folder checked against the base first (lora_io), names unique and non-empty."""
-  from internlm_jax.lora import load_adapter  # noqa: PLC0415
   names, loaded = [], []
   for spec in specs:
     name, sep, path = str(spec).partition("=")
@@ -142,7 +141,7 @@ def load_served_adapters(specs, config: ModelConfig, *, base: str, mesh=None) ->
       raise ValueError(f"--adapters names {name!r} twice")
     lora_io.check_adapter_folder(path, config, base=base)
     names.append(name)
-    loaded.append(load_adapter(path, config, mesh=mesh))
+    loaded.append(lora_io.load_adapter(path, config, mesh=mesh))
     log.info("serving LoRA adapter %s as model %r (rank %d)", path, name, loaded[-1][0].rank)
   return tuple(names), loaded
 
@@ -159,7 +158,7 @@ def build_engine(config: ModelConfig, params, engine_config: EngineConfig, *, me
       ec = dataclasses.replace(ec, num_pages=max(2, min(full, budget // per_page)))
   engine = Engine(params, config, ec, mesh=mesh, adapters=adapters)
   alloc = engine.allocator
-  log.info("KV cache: %d pages of %d tokens (%.2f GiB), %d slots, context %d", alloc.num_pages, ec.page_size,
-           alloc.num_pages * bytes_per_page(config, ec.page_size, ec.kv_dtype) / 2**30, ec.max_slots,
-           engine.max_seq_len)
+  log.info("KV cache: %d pages of %d tokens (%.2f GiB, %s), %d slots, context %d", alloc.num_pages, ec.page_size,
+           alloc.num_pages * bytes_per_page(config, ec.page_size, ec.kv_dtype) / 2**30,
+           ec.kv_dtype or config.dtype, ec.max_slots, engine.max_seq_len)
   return engine
