@@ -51,6 +51,13 @@ def test_static_batches_wait_for_the_whole_batch():
   assert out["ttft_p99_s"] > out["ttft_p50_s"]
   engine.allocator.check_invariants()
   assert engine.allocator.num_available == engine.allocator.usable_pages
+  # The textbook batcher: all four rows of the first batch run the 30 tokens, the fifth its own 3.
+  padded = bl.run_static(engine, work, np.zeros(len(work)), rows_to_longest=True)
+  assert padded["timings"]["slot_steps_used"] == 4 * 30 + 3 and out["timings"]["slot_steps_used"] == 2 + 30 + 3 * 3
+  assert padded["timings"]["generate_calls"] == 8 + 1
+  assert padded["latency_p50_s"] < padded["makespan_s"]  # a short request is done when its own tokens are out
+  engine.allocator.check_invariants()
+  assert engine.allocator.num_available == engine.allocator.usable_pages
 
 
 def test_repeated_rates_count_by_their_medians():

@@ -8,6 +8,10 @@ arrival times, greedy with `ignore_eos`, so they produce the same tokens and dif
     fill to the max batch, default 0: run what is queued), prefilled, then decoded until its longest request ends;
     requests arriving meanwhile wait for the next batch. Finished slots idle (they leave the decode bucket, so a
     draining batch gets cheaper, as it would in any batcher that skips finished rows).
+  static, rows to the longest (`rows_to_longest`, bench_serve --static=rows_to_longest): the textbook static
+    batcher, as HF `generate` on a batch and FasterTransformer run one: every row of a batch decodes until the
+    batch's longest request ends, a finished request's extra tokens computed and thrown away (a request is done,
+    for its latency, when its own tokens are out). Prompts are still prefilled one by one, not padded.
 TTFT counts from a request's arrival to the host receiving its first token; latency to its last.
 
 `continuous_vs_static` (the issue's ">= 2x at the same latency"): the latency is a service-level objective,
@@ -65,7 +69,7 @@ def _greedy(max_tokens: int) -> SamplingParams:
   return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def run_static(engine: Engine, work, arrivals, wait_s: float = 0.0) -> dict:
+def run_static(engine: Engine, work, arrivals, wait_s: float = 0.0, rows_to_longest: bool = False) -> dict:
   state, B, steps = engine.init_state(), engine.ec.max_slots, engine.ec.steps_per_call
   first, done, waiting, nxt = {}, {}, collections.deque(), 0
   timings = collections.Counter()
@@ -81,12 +85,13 @@ def run_static(engine: Engine, work, arrivals, wait_s: float = 0.0) -> dict:
       time.sleep(max(0.0, min(arrivals[nxt], fill_by) - now))
       continue
     batch = [waiting.popleft() for _ in range(min(B, len(waiting)))]
-    left = {}
+    longest = max(work[r][1] for r in batch)
+    left, produced = {}, collections.Counter()
     t0 = time.perf_counter()
     for slot, r in enumerate(batch):
       state, prefix = engine.prefill(state, work[r][0])
-      state = engine.insert(prefix, state, slot, _greedy(work[r][1]), [], seed=r)
-      left[slot] = work[r][1]
+      left[slot] = longest if rows_to_longest else work[r][1]
+      state = engine.insert(prefix, state, slot, _greedy(left[slot]), [], seed=r)
     timings["admit_s"] += time.perf_counter() - t0
     timings["batches"] += 1
     while any(left.values()):  # the batch runs until its longest request ends
@@ -105,7 +110,8 @@ def run_static(engine: Engine, work, arrivals, wait_s: float = 0.0) -> dict:
         if got:
           first.setdefault(r, now)
           left[slot] -= got
-          if not left[slot]:
+          produced[slot] += got
+          if produced[slot] >= work[r][1] and r not in done:
             done[r] = now
     for slot in range(len(batch)):
       state = engine.free(state, slot)
@@ -157,14 +163,14 @@ def load_engine(config, params, work, slots: int, steps: int, min_bucket: int = 
 
 
 def bench_load(engine: Engine, tokenizer, work, rates, seed: int, wait_s: float = 0.0, log=print,
-               handoff: bool = True) -> list[dict]:
+               handoff: bool = True, static_rows_to_longest: bool = False) -> list[dict]:
   """Both systems at each offered rate, on one Poisson trace per rate (drawn from seed and rate, so runs split
   over several invocations replay the same traces) -> [{rate, static, continuous}]."""
   runs = []
   for rate in rates:
     rng = np.random.default_rng([seed, int(rate * 1000) if np.isfinite(rate) else 0])
     arrivals = poisson_arrivals(len(work), rate, rng)
-    static = run_static(engine, work, arrivals, wait_s)
+    static = run_static(engine, work, arrivals, wait_s, static_rows_to_longest)
     continuous = run_continuous(engine, tokenizer, work, arrivals, handoff)
     runs.append({"rate": rate, "static": static, "continuous": continuous})
     for name, r in (("continuous", continuous), ("static", static)):
