@@ -17,7 +17,7 @@ formed from what is waiting, run until their longest member ends) on the same en
 throughput at a p99 TTFT objective (internlm_jax/serve/bench_load.py says how). (d) llama.cpp
 (llama-cpp-python) decoding the same weights exported to GGUF (f32 and q8_0) at batch 1. Peers that are not
 installed leave their keys null. Prints a ratio table and writes JSON. `quality` (not by default: it needs a
-trained checkpoint) reports the validation-perplexity change of int8 and int4 weights and the int8 KV cache.
+trained checkpoint) reports the validation-perplexity change of int8 and int4 weights and the int8 and int4 KV caches.
 """
 import json
 import os
@@ -43,6 +43,9 @@ MIN_BUCKET = flags.DEFINE_integer("min_decode_bucket", 8, "load: the engine's sm
                                   "no buckets, every decode call runs all slots)")
 LOAD_QUANT = flags.DEFINE_enum("load_quant", "none", ["none", "int8"], "load: weights of both systems' engine "
                                 "(int8: per-channel, the native kernels on CPU)")
+STATIC = flags.DEFINE_enum("static", "skip_finished", ["skip_finished", "rows_to_longest"], "load: the static "
+                           "baseline: finished rows leave the batch (the stronger one), or every row decodes until the "
+                           "batch's longest ends (HF generate's / FasterTransformer's batching; bench_load.py)")
 HANDOFF = flags.DEFINE_bool("handoff", True, "load: the continuous scheduler ends a decode call when a slot frees "
                             "while requests wait (false: every call runs --steps_per_call steps)")
 MERGE = flags.DEFINE_list("merge_load", [], "load: JSON outputs of earlier runs (same seed and requests) whose rates "
@@ -251,9 +254,9 @@ def main(argv):
 
 def quality_perplexity(checkpoint, windows: int, length: int) -> dict:
   """Held-out Shakespeare perplexity of `checkpoint` through the serving engine for float32 weights, int8
-  (per channel; the native kernel where it builds), int4 (group-wise) weights and the int8 KV cache. Teacher
-  forced: a prefill with prompt logprobs, whose attention reads the keys and values back from the pages, so the
-  int8 cache is scored as decoding reads it."""
+  (per channel; the native kernel where it builds), int4 (group-wise) weights and the int8 and int4 KV caches.
+  Teacher forced: a prefill with prompt logprobs, whose attention reads the keys and values back from the pages,
+  so a quantized cache is scored as decoding reads it."""
   import numpy as np
   from internlm_jax.data import corpus
   from internlm_jax.quant import quantize_params
@@ -271,7 +274,8 @@ def quality_perplexity(checkpoint, windows: int, length: int) -> dict:
   chunks = [[tok.bos_id] + ids[w * (length - 1):(w + 1) * (length - 1)] for w in range(windows)]
   chunks = [c for c in chunks if len(c) == length]
   variants = {"float32": (params, None), "int8": (quantize_params(params, "int8"), None),
-              "int4": (quantize_params(params, "int4"), None), "int8_kv": (params, "int8")}
+              "int4": (quantize_params(params, "int4"), None), "int8_kv": (params, "int8"),
+              "int4_kv": (params, "int4")}
   out = {}
   for name, (p, kv_dtype) in variants.items():
     engine = Engine(p, config, EngineConfig(max_slots=1, max_seq_len=length + 16, page_size=16,
@@ -332,20 +336,23 @@ def _load_section(config, params, rng, res, save):
   print(f"load: static capacity estimate {capacity:.2f} req/s, rates {[round(r, 2) for r in rates]}", flush=True)
   tokenizer = tiny_tokenizer(tempfile.mkdtemp())  # output ids past its vocabulary decode to nothing
   runs = bl.bench_load(engine, tokenizer, work, rates, SEED.value, STATIC_WAIT.value,
-                       log=lambda line: print(line, flush=True), handoff=HANDOFF.value)
+                       log=lambda line: print(line, flush=True), handoff=HANDOFF.value,
+                       static_rows_to_longest=STATIC.value == "rows_to_longest")
   for path in MERGE.value:
     with open(path) as f:
       earlier = json.load(f)
     assert earlier["load_requests"] == len(work), f"{path}: another trace"
     assert earlier.get("load_quant", "none") == LOAD_QUANT.value, f"{path}: other weights"
     assert earlier.get("load_handoff", False) == HANDOFF.value, f"{path}: another continuous scheduler"
+    assert earlier.get("load_static", "skip_finished") == STATIC.value, f"{path}: another static baseline"
     runs += earlier.get("load_raw", earlier["load"])
   raw, runs = runs, bl.median_by_rate(runs)  # rates run more than once count by their medians
   ratios = bl.continuous_vs_static(runs, SLO.value)
   res.update(load_requests=len(work), load_prompt_mean=float(np.mean([len(p) for p, _ in work])),
              load_output_mean=float(np.mean([o for _, o in work])), load_slots=SLOTS.value,
              load_min_decode_bucket=MIN_BUCKET.value, load_quant=LOAD_QUANT.value, load_handoff=HANDOFF.value,
-             load_static_wait_s=STATIC_WAIT.value, load_static_capacity_estimate=capacity, load=runs, load_raw=raw,
+             load_static=STATIC.value, load_static_wait_s=STATIC_WAIT.value, load_static_capacity_estimate=capacity,
+             load=runs, load_raw=raw,
              **ratios)
   save("load")
   _print_table(config, res)

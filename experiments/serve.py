@@ -47,7 +47,9 @@ _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool (overrides --kv_cache_fraction).")
 _KV_FRACTION = flags.DEFINE_float("kv_cache_fraction", 0.8, "Share of free device memory (CPU: the host's "
                                   "available memory) for the KV cache.")
-_KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, ["int8"], "int8: quantized KV cache (per-token scales).")
+_KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, ["int8", "int4"],
+                              "Quantized KV cache: int8 (per-token scales) or int4 (per-token scales and zero "
+                              "points, two values a byte).")
 _STEPS = flags.DEFINE_integer("steps_per_call", 8, "Decode steps per host round trip.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (power of two).")
 _NO_PREFIX_CACHE = flags.DEFINE_bool("no_prefix_cache", False, "Disable sharing of prompt-prefix pages.")

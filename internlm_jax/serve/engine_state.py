@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from internlm_jax.serve.kv_cache import PagedKVCache
+from internlm_jax.serve.kv_cache import KV_DTYPES, PagedKVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,13 +24,17 @@ class EngineConfig:
   page_size: int = 16
   num_pages: int | None = None  # pool size (scratch page included); default from kv_budget_bytes or full capacity
   kv_budget_bytes: int | None = None
-  kv_dtype: str | None = None  # None: the model dtype; "int8": per-token quantized pages
+  kv_dtype: str | None = None  # None: the model dtype; "int8": per-token quantized pages; "int4": packed, asymmetric
   prefill_chunk: int = 512  # longest prefill piece (a power of two)
   steps_per_call: int = 8  # decode steps per host round trip
   min_decode_bucket: int = 8  # fewest rows a decode call runs (see the module docstring); max_slots: no buckets
   prefix_caching: bool = True
   attention_kernel: bool | None = None  # Pallas paged attention; default on GPU/TPU (CPU: native/decode_attention)
   sample_vocab: int | None = None  # sample only ids below this (a tokenizer smaller than the padded model vocab)
+
+  def __post_init__(self):
+    if self.kv_dtype not in KV_DTYPES:
+      raise ValueError(f"kv_dtype must be one of {', '.join(map(repr, KV_DTYPES))}; got {self.kv_dtype!r}")
 
 
 @jax.tree_util.register_dataclass

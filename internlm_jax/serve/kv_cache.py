@@ -2,6 +2,8 @@
 
 Shapes: L layers, K kv heads, P pages in the pool, ps page_size, D head_dim, B slots, pps pages per sequence.
   PagedKVCache.k[i], .v[i]   [K, P, ps, D]  (model dtype, or int8 with .k_scale[i], .v_scale[i] [K, P, ps] f32)
+                             or [K, P, ps, D // 2] uint8 for int4: two values a byte, with .k_scale[i], .v_scale[i]
+                             and .k_zero[i], .v_zero[i] [K, P, ps] f32 (kernels/paged_attention_reference.py)
   PageAllocator.page_table   [B, pps] int32 (0 = no page)     PageAllocator.lengths [B] int32
 
 Page 0 is scratch: it is never handed out, so page-table entries past a sequence's end (0) and the writes of idle
@@ -30,6 +32,7 @@ from internlm_jax.sharding import DEFAULT_RULES, ShardingRules
 SCRATCH_PAGE = 0
 PAGE_AXES = ("kv_heads", None, None, "head_dim")  # logical axes of one layer's [K, P, ps, D] pages
 SCALE_AXES = ("kv_heads", None, None)
+KV_DTYPES = (None, "int8", "int4")  # None: the model dtype
 
 
 class CacheFullError(RuntimeError):
@@ -48,6 +51,8 @@ class PagedKVCache:
   v: tuple[jax.Array, ...]
   k_scale: tuple[jax.Array, ...] | None = None
   v_scale: tuple[jax.Array, ...] | None = None
+  k_zero: tuple[jax.Array, ...] | None = None  # int4 only: the per-token minimum (asymmetric quantization)
+  v_zero: tuple[jax.Array, ...] | None = None
 
   @property
   def num_pages(self) -> int:
@@ -61,9 +66,26 @@ class PagedKVCache:
   def quantized(self) -> bool:
     return self.k_scale is not None
 
+  @property
+  def int4(self) -> bool:
+    return self.k_zero is not None
+
+
+def _check_kv_dtype(config: ModelConfig, kv_dtype: str | None) -> None:
+  # jnp.dtype("int4") exists, so without this an int4 request would silently build unpacked 4-bit arrays.
+  if kv_dtype not in KV_DTYPES:
+    raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+  if kv_dtype == "int4" and config.head_dim % 2:
+    raise ValueError(f"int4 KV packs two values a byte along head_dim, which must be even; got {config.head_dim}")
+
 
 def bytes_per_page(config: ModelConfig, page_size: int, kv_dtype: str | None = None) -> int:
-  """Device bytes one page costs across all layers, keys and values (plus per-token scales for int8)."""
+  """Device bytes one page costs across all layers, keys and values (plus per-token scales for int8, scales and
+  zeros for int4)."""
+  _check_kv_dtype(config, kv_dtype)
+  if kv_dtype == "int4":
+    per_token = config.num_kv_heads * (config.head_dim // 2 + 8)
+    return 2 * config.num_layers * page_size * per_token
   dtype = jnp.dtype(kv_dtype or config.dtype)
   per_token = config.num_kv_heads * (config.head_dim * dtype.itemsize + (4 if dtype == jnp.int8 else 0))
   return 2 * config.num_layers * page_size * per_token
@@ -82,9 +104,11 @@ def pages_for_budget(config: ModelConfig, budget_bytes: int, page_size: int, kv_
 def init_paged_cache(config: ModelConfig, num_pages: int, page_size: int, kv_dtype: str | None = None, *,
                      mesh=None, rules: ShardingRules = DEFAULT_RULES) -> PagedKVCache:
   """Zeroed pages, sharded over kv heads on `mesh` (tensor parallel) when one is given."""
-  dtype = jnp.dtype(kv_dtype or config.dtype)
-  shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-  quantized = dtype == jnp.int8
+  _check_kv_dtype(config, kv_dtype)
+  int4 = kv_dtype == "int4"
+  dtype = jnp.uint8 if int4 else jnp.dtype(kv_dtype or config.dtype)
+  shape = (config.num_kv_heads, num_pages, page_size, config.head_dim // 2 if int4 else config.head_dim)
+  quantized = int4 or dtype == jnp.int8
 
   def make(shape, dtype, axes):
     if mesh is None:
@@ -97,6 +121,8 @@ def init_paged_cache(config: ModelConfig, num_pages: int, page_size: int, kv_dty
   if not quantized:
     return PagedKVCache(k, v)
   ones = lambda: tuple(make(shape[:3], jnp.float32, SCALE_AXES) for _ in range(L))
+  if int4:
+    return PagedKVCache(k, v, ones(), ones(), ones(), ones())
   return PagedKVCache(k, v, ones(), ones())
 
 

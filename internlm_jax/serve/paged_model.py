@@ -21,13 +21,15 @@ the int8 bytes once (native/qmatmul.py; falls back to the blocks when it cannot 
 blocks. float32 weights become native.fmatmul.F32Weights there (packed once in strips of 64 outputs): every
 step, decode and prefill, takes that native kernel (native/fmatmul.py). Where w1 and w3 are both native, they
 are stacked into one weight "w13" (one call). Decode attention on one CPU device reads the pages in place
-(native/decode_attention.py; the gather-based reference elsewhere).
+(native/decode_attention.py; the gather-based reference elsewhere). An int4 KV cache (packed pages with scales
+and zero points) is read by the reference or the Pallas kernel, never the native kernel (float32 and int8 only).
 
 Numerics follow model._block (same products, dtypes and rope), so paged logits equal `model.forward`.
 Idle slots and padding tokens write their keys/values to the scratch page 0 and attend to nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -46,7 +48,8 @@ from internlm_jax.quant import QArray
 from internlm_jax.serve import adapters as adapters_lib
 from internlm_jax.serve.kv_cache import SCRATCH_PAGE, PagedKVCache
 from internlm_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
-from kernels.paged_attention_reference import paged_attention_reference, quantize_kv
+from kernels.paged_attention_reference import (dequantize_kv_int4, paged_attention_reference, quantize_kv,
+                                               quantize_kv_int4)
 
 # Matmul weight -> (permutation of its per-layer axes to [out..., in...], number of out axes, logical axes of the
 # 2-D [out, in] form). The quantization groups split the last input axis (head_dim for wo).
@@ -216,36 +219,45 @@ def _head(params, x, config: ModelConfig, rules, route=None):
 
 
 def _write(cache: PagedKVCache, i: int, k, v, page_ids, offsets) -> PagedKVCache:
-  """Stores k, v [N, K, D] at (page_ids[n], offsets[n]) of layer i (quantizing per token for int8 pages)."""
-  def put(pages, new):
-    return pages.at[:, page_ids, offsets].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype))
+  """Stores k, v [N, K, D] at (page_ids[n], offsets[n]) of layer i (quantizing per token for int8 and int4)."""
+  def put(name, new):
+    layers = list(getattr(cache, name))
+    layers[i] = layers[i].at[:, page_ids, offsets].set(jnp.swapaxes(new, 0, 1).astype(layers[i].dtype))
+    return tuple(layers)
 
-  ks, vs = list(cache.k), list(cache.v)
-  if cache.quantized:
+  if cache.int4:
+    (kq, k_scale, k_zero), (vq, v_scale, v_zero) = quantize_kv_int4(k), quantize_kv_int4(v)
+    new = {"k": kq, "v": vq, "k_scale": k_scale, "v_scale": v_scale, "k_zero": k_zero, "v_zero": v_zero}
+  elif cache.quantized:
     (kq, k_scale), (vq, v_scale) = quantize_kv(k), quantize_kv(v)
-    kss, vss = list(cache.k_scale), list(cache.v_scale)
-    ks[i], vs[i] = put(ks[i], kq), put(vs[i], vq)
-    kss[i], vss[i] = put(kss[i], k_scale), put(vss[i], v_scale)
-    return PagedKVCache(tuple(ks), tuple(vs), tuple(kss), tuple(vss))
-  ks[i], vs[i] = put(ks[i], k), put(vs[i], v)
-  return PagedKVCache(tuple(ks), tuple(vs), cache.k_scale, cache.v_scale)
+    new = {"k": kq, "v": vq, "k_scale": k_scale, "v_scale": v_scale}
+  else:
+    new = {"k": k, "v": v}
+  return dataclasses.replace(cache, **{name: put(name, x) for name, x in new.items()})
 
 
 def _gather(cache: PagedKVCache, i: int, table, num_tokens, dtype):
   """Dense k, v [1, n * ps, K, D] of one sequence's first n pages; slots at or past num_tokens are zeroed so
   whatever a stale or scratch page holds cannot reach the output (0 * NaN would)."""
-  def dense(pages, scales):
-    x = pages[:, table]  # [K, n, ps, D]
-    if scales is not None:
+  def dense(pages, scales, zeros):
+    x = pages[:, table]  # [K, n, ps, D] (int4: D // 2 packed bytes)
+    if zeros is not None:
+      x = dequantize_kv_int4(x, scales[:, table], zeros[:, table])
+    elif scales is not None:
       x = x.astype(jnp.float32) * scales[:, table][..., None]
     K, n, ps, D = x.shape
     x = jnp.transpose(x, (1, 2, 0, 3)).reshape(1, n * ps, K, D)
     keep = jnp.arange(n * ps) < num_tokens
     return jnp.where(keep[None, :, None, None], x, 0).astype(dtype)
 
-  quantized = cache.quantized
-  return (dense(cache.k[i], cache.k_scale[i] if quantized else None),
-          dense(cache.v[i], cache.v_scale[i] if quantized else None))
+  k_scale, v_scale, k_zero, v_zero = _aux(cache, i)
+  return dense(cache.k[i], k_scale, k_zero), dense(cache.v[i], v_scale, v_zero)
+
+
+def _aux(cache: PagedKVCache, i: int):
+  """Layer i's (k_scale, v_scale, k_zero, v_zero), None where the cache has none."""
+  pick = lambda arrays: None if arrays is None else arrays[i]
+  return pick(cache.k_scale), pick(cache.v_scale), pick(cache.k_zero), pick(cache.v_zero)
 
 
 def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *, config: ModelConfig,
@@ -290,14 +302,15 @@ def prefill_chunk(params, cache: PagedKVCache, tokens, start, n_valid, table, *,
   return _head(params, x, config, rules, route), cache
 
 
-def _decode_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale, *, use_kernel: bool,
-                      native: bool = False):
+def _decode_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale, k_zero=None, v_zero=None, *,
+                      use_kernel: bool, native: bool = False):
   if use_kernel:
     from kernels.paged_attention import paged_attention
-    return paged_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale)
-  if native and native_attention.available() and native_attention.supports(q, k_pages):
+    return paged_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale, k_zero, v_zero)
+  # The native kernel reads float32 and int8 pages only: it would take packed int4 bytes for values.
+  if native and k_zero is None and native_attention.available() and native_attention.supports(q, k_pages):
     return native_attention.decode_attention(q, k_pages, v_pages, table, lengths, k_scale, v_scale).astype(q.dtype)
-  return paged_attention_reference(q, k_pages, v_pages, table, lengths, k_scale, v_scale)
+  return paged_attention_reference(q, k_pages, v_pages, table, lengths, k_scale, v_scale, k_zero, v_zero)
 
 
 def decode_attention(q, cache: PagedKVCache, i: int, table, lengths, *, use_kernel: bool, mesh=None,
@@ -305,7 +318,7 @@ def decode_attention(q, cache: PagedKVCache, i: int, table, lengths, *, use_kern
   """q [B, H, D] over layer i's pages -> [B, H, D]. On a mesh whose kv-head axis is split, each device runs the
   attention of its own heads (shard_map): queries of kv group k are heads k*G .. k*G + G - 1, so splitting H and
   K the same way keeps every group with its keys."""
-  scales = (cache.k_scale[i], cache.v_scale[i]) if cache.quantized else (None, None)
+  scales = _aux(cache, i) if cache.int4 else _aux(cache, i)[:2]
   fn = functools.partial(_decode_attention, use_kernel=use_kernel)
   axis = None if rules is None else rules.kv_heads
   if mesh is None:  # one device on CPU: the native kernel reads the pages in place (native/decode_attention.py)
@@ -313,7 +326,7 @@ def decode_attention(q, cache: PagedKVCache, i: int, table, lengths, *, use_kern
   if axis is None or all(mesh.shape[a] == 1 for a in ((axis,) if isinstance(axis, str) else axis)):
     return fn(q, cache.k[i], cache.v[i], table, lengths, *scales)
   heads, pages, scale = P(None, axis, None), P(axis, None, None, None), P(axis, None, None)
-  scale_specs = (scale, scale) if cache.quantized else (None, None)
+  scale_specs = tuple(None if s is None else scale for s in scales)
   return jax.shard_map(fn, mesh=mesh, in_specs=(heads, pages, pages, P(), P()) + scale_specs, out_specs=heads,
                        check_vma=False)(q, cache.k[i], cache.v[i], table, lengths, *scales)
 
