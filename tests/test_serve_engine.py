@@ -119,6 +119,18 @@ def test_prefix_pages_are_shared_refcounted_and_returned(model):
   assert again.cached_tokens == 16
   engine.release(again)
   alloc.check_invariants()
+  # A new state has an empty cache, so the allocator forgets what it cached (a hit read zeros: a scheduler
+  # restarted on the same engine decoded garbage for repeated prompts).
+  state, live = engine.prefill(state, b)
+  state = engine.insert(live, state, 0, GREEDY, [], seed=0)  # a live slot and cached pages of the old cache
+  assert live.cached_tokens == 32  # b's four full pages
+  state = engine.init_state()
+  assert alloc.num_cached == 0 and alloc.num_available == alloc.usable_pages
+  state, fresh = engine.prefill(state, b)
+  assert fresh.cached_tokens == 0
+  np.testing.assert_allclose(fresh.logits, ref, atol=1e-5)
+  engine.release(fresh)
+  alloc.check_invariants()
 
 
 def test_allocator_evicts_lru_and_reports_sizes():

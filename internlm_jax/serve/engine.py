@@ -162,7 +162,13 @@ class Engine:
 
   # ---- state ------------------------------------------------------------------------------------------------
   def init_state(self) -> DecodeState:
+    """A new decode state over an empty KV cache. The allocator starts over with it: pages that cached prefixes
+    (or slots of an earlier state) point at hold nothing here, and a prefix hit on one would read zeros."""
     c, B, V = self.config, self.ec.max_slots, self.config.vocab_size
+    for slot in range(B):
+      if self.allocator.slot_pages[slot]:
+        self.allocator.free_slot(slot)
+    self.allocator.clear_prefix_cache()
     with self._ctx():
       cache = init_paged_cache(c, self.allocator.num_pages, self.ec.page_size, self.ec.kv_dtype, mesh=self.mesh,
                                rules=self.rules)
