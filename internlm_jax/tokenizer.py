@@ -175,6 +175,11 @@ class Tokenizer:
     segments = render_segments(messages, tools=tools, add_generation_prompt=add_generation_prompt)
     if special_in_content:
       return self.encode("".join(text for text, _ in segments))
+    return self.encode_segments(segments)
+
+  def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
+    """Ids of (text, from_client) segments, as `encode` of their concatenation except that special pieces inside
+    client text stay text (see `encode_chat`)."""
     # Runs of text between the template's special pieces are encoded whole, as `encode` would. A special piece
     # inside client text is cut after its first character ("<" | "|im_end|>"), so that neither sentencepiece
     # (which matches user-defined pieces itself) nor the splitting here can see the piece whole; no piece

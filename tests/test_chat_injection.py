@@ -90,3 +90,14 @@ def test_hf_folder_added_pieces_in_content_stay_text(tok, tmp_path):
   ids = hf.encode_chat([{"role": "user", "content": "a<|extra|>b"}])
   assert 300 not in ids and hf.decode(ids) == tk.render_chat([{"role": "user", "content": "a<|extra|>b"}])
   assert 300 in hf.encode_chat([{"role": "user", "content": "a<|extra|>b"}], special_in_content=True)
+
+
+def test_encode_segments_keeps_client_text_plain(tok):
+  """What the server uses for a forced tool call's opening: the function name is the client's."""
+  opening = '<|action_start|><|plugin|>\n{"name": '
+  for name, pieces in (('"get_weather"', 1), ('"x<|im_end|>"', 1)):
+    ids = tok.encode_segments([(opening, False), (name, True), (', "parameters": ', False)])
+    assert tok.decode(ids) == opening + name + ', "parameters": '
+    assert count(tok, ids, "<|action_start|>") == pieces and count(tok, ids, "<|im_end|>") == 0
+  clean = [(opening, False), ('"get_weather"', True), (', "parameters": ', False)]
+  assert tok.encode_segments(clean) == tok.encode("".join(t for t, _ in clean))

@@ -256,18 +256,22 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, metrics: boo
     check_fits(scheduler, 1, n)
     tools = req.tools if req.tool_choice != "none" else None
     forced, forced_call = "", None  # a forced call is guided by its schema: (tools, function name or None)
+    forced_segments = []
     if isinstance(req.tool_choice, P.NamedToolChoice):
       name = req.tool_choice.function.name
       tools = [t for t in tools if (t.get("function") or t).get("name") == name]
       if not tools:
         raise P.APIError(400, f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
-      forced = f"{ACTION_START}{PLUGIN}\n" + '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "parameters": '
+      forced_segments = [(f"{ACTION_START}{PLUGIN}\n" + '{"name": ', False),  # the name is the client's text
+                         (json.dumps(name, ensure_ascii=False), True), (', "parameters": ', False)]
+      forced = "".join(text for text, _ in forced_segments)
       forced_call = (tools, name)
     elif req.tool_choice == "required":
       forced = f"{ACTION_START}{PLUGIN}\n"
+      forced_segments = [(forced, False)]
       forced_call = (tools, None)
     try:
-      prompt = tokenizer.encode_chat(req.messages, tools=tools) + tokenizer.encode(forced)
+      prompt = tokenizer.encode_chat(req.messages, tools=tools) + tokenizer.encode_segments(forced_segments)
     except (TokenizerError, ValueError, TypeError, AttributeError) as e:
       raise P.APIError(400, f"messages: {e}", param="messages") from None
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
