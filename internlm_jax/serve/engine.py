@@ -40,8 +40,8 @@ from internlm_jax.serve import adapters as adapters_lib
 from internlm_jax.serve import paged_model, sampling
 from internlm_jax.serve.kv_cache import (CacheFullError, PageAllocator, RequestTooLargeError,
                                          init_paged_cache, page_hashes, pages_for_budget)
-from internlm_jax.serve.engine_state import (DecodeState, EngineConfig, Prefix, SlotState, StepResult, _next_pow2,
-                                             _slot_update, prefill_bucket)
+from internlm_jax.serve.engine_state import (DecodeState, EngineConfig, Prefix, StepResult, _next_pow2,
+                                             _slot_update, empty_slots, prefill_bucket)
 from internlm_jax.sharding import DEFAULT_RULES, ShardingRules
 
 
@@ -164,7 +164,7 @@ class Engine:
   def init_state(self) -> DecodeState:
     """A new decode state over an empty KV cache. The allocator starts over with it: pages that cached prefixes
     (or slots of an earlier state) point at hold nothing here, and a prefix hit on one would read zeros."""
-    c, B, V = self.config, self.ec.max_slots, self.config.vocab_size
+    c, B = self.config, self.ec.max_slots
     for slot in range(B):
       if self.allocator.slot_pages[slot]:
         self.allocator.free_slot(slot)
@@ -172,18 +172,7 @@ class Engine:
     with self._ctx():
       cache = init_paged_cache(c, self.allocator.num_pages, self.ec.page_size, self.ec.kv_dtype, mesh=self.mesh,
                                rules=self.rules)
-    zeros = lambda dtype: jnp.zeros((B,), dtype)
-    slots = SlotState(
-        logits=jnp.zeros((B, V), jnp.float32), lengths=zeros(jnp.int32), active=zeros(bool),
-        remaining=zeros(jnp.int32), step=zeros(jnp.int32), seed=zeros(jnp.uint32), temperature=zeros(jnp.float32),
-        top_k=zeros(jnp.int32), top_p=jnp.ones((B,), jnp.float32), min_p=zeros(jnp.float32),
-        repetition_penalty=jnp.ones((B,), jnp.float32), want_top=zeros(bool), seen=jnp.zeros((B, V), bool),
-        presence_penalty=zeros(jnp.float32), frequency_penalty=zeros(jnp.float32),
-        counts=jnp.zeros((B, V), jnp.int16), bias_ids=jnp.full((B, sampling.MAX_LOGIT_BIAS), -1, jnp.int32),
-        bias_values=jnp.zeros((B, sampling.MAX_LOGIT_BIAS), jnp.float32),
-        stop_ids=jnp.full((B, sampling.MAX_STOP_IDS), -1, jnp.int32),
-        allowed=jnp.full((B, self.mask_words), 0xFFFFFFFF, jnp.uint32), guided=zeros(bool),
-        adapter=zeros(jnp.int32), min_tokens=zeros(jnp.int32))
+    slots = empty_slots(B, self.config.vocab_size, self.mask_words)
     self._uploaded_version = self.allocator.version
     self._live[:] = False
     self._allowed[:], self._slot_adapter[:] = 0xFFFFFFFF, 0

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from internlm_jax.serve import sampling
 from internlm_jax.serve.kv_cache import KV_DTYPES, PagedKVCache
 
 
@@ -63,6 +65,22 @@ class SlotState:
   guided: jax.Array  # [B] bool: the slot's logits are masked by `allowed`
   adapter: jax.Array  # [B] int32: the slot's LoRA adapter (adapters.py; 0: the base model)
   min_tokens: jax.Array  # [B] int32: stop ids are masked while step < min_tokens
+
+
+def empty_slots(B: int, V: int, mask_words: int) -> SlotState:
+  """B idle slots over a V-token vocabulary: nothing active, neutral sampling settings, every token allowed."""
+  zeros = lambda dtype: jnp.zeros((B,), dtype)
+  return SlotState(
+      logits=jnp.zeros((B, V), jnp.float32), lengths=zeros(jnp.int32), active=zeros(bool),
+      remaining=zeros(jnp.int32), step=zeros(jnp.int32), seed=zeros(jnp.uint32), temperature=zeros(jnp.float32),
+      top_k=zeros(jnp.int32), top_p=jnp.ones((B,), jnp.float32), min_p=zeros(jnp.float32),
+      repetition_penalty=jnp.ones((B,), jnp.float32), want_top=zeros(bool), seen=jnp.zeros((B, V), bool),
+      presence_penalty=zeros(jnp.float32), frequency_penalty=zeros(jnp.float32),
+      counts=jnp.zeros((B, V), jnp.int16), bias_ids=jnp.full((B, sampling.MAX_LOGIT_BIAS), -1, jnp.int32),
+      bias_values=jnp.zeros((B, sampling.MAX_LOGIT_BIAS), jnp.float32),
+      stop_ids=jnp.full((B, sampling.MAX_STOP_IDS), -1, jnp.int32),
+      allowed=jnp.full((B, mask_words), 0xFFFFFFFF, jnp.uint32), guided=zeros(bool),
+      adapter=zeros(jnp.int32), min_tokens=zeros(jnp.int32))
 
 
 @jax.tree_util.register_dataclass
