@@ -4,7 +4,6 @@ Slow: llama-cpp-python is not among the test requirements (it compiles llama.cpp
 missing this test builds it first, the way bench_serve's peer is installed.
 """
 import importlib
-import json
 import os
 import subprocess
 import sys
@@ -32,39 +31,13 @@ def _llama_cpp():
   return importlib.import_module("llama_cpp")
 
 
-# llama.cpp runs in a child process, with its extra buffer types off (no weight repacking). Here llama-cpp-python
-# 0.3.36, built with AVX-512 and AMX, died with a segfault in llama_decode on the q8_0 file for any batch over one
-# token (the prompt), and took the test worker with it; with use_extra_bufts=False it decodes that file, and the
-# f32 numbers do not change. A child also turns any crash of the peer into a failed test with its exit code.
-_GREEDY = """
-import json, sys
-import llama_cpp
-import numpy as np
-default_params = llama_cpp.llama_cpp.llama_model_default_params
-def model_params():
-  params = default_params()
-  params.use_extra_bufts = False
-  return params
-llama_cpp.llama_cpp.llama_model_default_params = model_params
-path, prompt, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=len(prompt), n_threads=2, logits_all=True, verbose=False)
-llm.eval(prompt)
-first = np.array(llm.scores[llm.n_tokens - 1]).tolist()
-tokens = []
-for _ in range(new):
-  tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-  llm.eval([tokens[-1]])
-llm.close()
-print(json.dumps({"tokens": tokens, "first": first}))
-"""
-
-
 def _llamacpp_greedy(path):
-  out = subprocess.run([sys.executable, "-c", _GREEDY, str(path), json.dumps(PROMPT), str(NEW)],
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, f"llama.cpp exited with {out.returncode}: {out.stderr[-2000:]}"
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  return result["tokens"], np.asarray(result["first"])
+  """Greedy tokens and the prompt's next-token logits from llama.cpp, in a child process with its extra buffer
+  types off (bench_peers: an AMX build of llama-cpp-python 0.3.36 segfaulted on the q8_0 file with them on, and
+  took the test worker with it; the f32 numbers do not change). A crash of the child is a failed test."""
+  from internlm_jax.serve.bench_peers import _llamacpp_child
+  run = _llamacpp_child(str(path), PROMPT, NEW, threads=2, extra_bufts=False)
+  return run["tokens"], np.asarray(run["first"])
 
 
 def test_llamacpp_decodes_our_gguf_export_like_our_engine(tmp_path):
