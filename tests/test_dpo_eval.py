@@ -38,6 +38,15 @@ def _random_tree(tree, rng, scale):
                       is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
+def random_base_and_adapters(seed=0):
+  """A random tiny base (norm weights one) and adapters with B != 0, so the policy differs from the reference."""
+  rng = np.random.default_rng(seed)
+  base = _random_tree(param_specs(CONFIG), rng, 0.5)
+  base = jax.tree.map(lambda x, s: np.ones_like(x) if s.init == "ones" else x, base, param_specs(CONFIG),
+                      is_leaf=lambda x: isinstance(x, np.ndarray))
+  return jax.device_put((base, _random_tree(L.lora_specs(CONFIG, LCFG), rng, 0.3)), jax.devices()[0])
+
+
 def _pair_rows(P=5, T=10, prompt_len=4, seed=0):
   """{"chosen", "rejected"} rows of P pairs, one sequence per row; pair P-1 has no chosen response tokens."""
   rng = np.random.default_rng(seed)
@@ -67,12 +76,7 @@ def _np_metrics(pc, pr, rc, rr, valid):
 
 
 def test_eval_metrics_match_numpy_reference_over_batches():
-  rng = np.random.default_rng(0)
-  base = _random_tree(param_specs(CONFIG), rng, 0.5)
-  base = jax.tree.map(lambda x, s: np.ones_like(x) if s.init == "ones" else x, base, param_specs(CONFIG),
-                      is_leaf=lambda x: isinstance(x, np.ndarray))
-  # B != 0: the policy differs from the reference.
-  base, adapters = jax.device_put((base, _random_tree(L.lora_specs(CONFIG, LCFG), rng, 0.3)), jax.devices()[0])
+  base, adapters = random_base_and_adapters()
   rows = _pair_rows()
 
   @jax.jit

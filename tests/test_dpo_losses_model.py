@@ -14,7 +14,6 @@ from internlm_jax import config as config_lib
 from internlm_jax import lora as L
 from internlm_jax.config import ConfigError
 from internlm_jax.finetune import dpo_eval, loop
-from internlm_jax.model import ParamSpec, param_specs
 from internlm_jax.train import OptimizerConfig, make_optimizer
 from internlm_jax.train import dpo as dpo_lib
 from internlm_jax.train.dpo import make_dpo_eval, make_dpo_step, sequence_logps
@@ -23,6 +22,7 @@ from internlm_jax.train.finetune_step import create_adapter_state
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import dpo_lora_tiny  # noqa: E402
+from test_dpo_eval import random_base_and_adapters  # noqa: E402
 from test_dpo_losses import _log_sigmoid, _np_dpo, _np_orpo, _np_pair_losses  # noqa: E402
 from test_finetune_loop import _cfg as loop_cfg, _records as loop_records, setup  # noqa: E402,F401 (fixture)
 
@@ -30,14 +30,7 @@ CONFIG = config_lib.get_preset("tiny").replace(num_layers=1, vocab_size=128)
 LCFG = L.LoraConfig(rank=2, alpha=4.0, targets=("wqkv", "w2", "output"))
 
 
-
-
 # ---- the step and held-out evaluation on a tiny model --------------------------------------------------------
-def _random_tree(tree, rng, scale):
-  return jax.tree.map(lambda s: rng.normal(0, scale, s.shape).astype(np.float32), tree,
-                      is_leaf=lambda x: isinstance(x, ParamSpec))
-
-
 def _pair_rows(P=5, T=10, seed=0):
   """{"chosen", "rejected"} rows of P pairs with responses of different lengths; pair P-1 is padding."""
   rng = np.random.default_rng(seed)
@@ -57,11 +50,7 @@ def _pair_rows(P=5, T=10, seed=0):
 @pytest.fixture(scope="module")
 def model():
   """(base, adapters with B != 0, pair rows, per-row float64 policy / reference log-prob sums and token counts)."""
-  rng = np.random.default_rng(0)
-  base = _random_tree(param_specs(CONFIG), rng, 0.5)
-  base = jax.tree.map(lambda x, s: np.ones_like(x) if s.init == "ones" else x, base, param_specs(CONFIG),
-                      is_leaf=lambda x: isinstance(x, np.ndarray))
-  base, adapters = jax.device_put((base, _random_tree(L.lora_specs(CONFIG, LCFG), rng, 0.3)), jax.devices()[0])
+  base, adapters = random_base_and_adapters()
   rows = _pair_rows()
   both = {k: np.concatenate([rows["chosen"][k], rows["rejected"][k]]) for k in rows["chosen"]}
   policy, ref = jax.jit(lambda b, a, r: (sequence_logps(L.apply_lora(b, a, LCFG), r, CONFIG, rules=None),
