@@ -114,16 +114,15 @@ def bench_llamacpp(config, params, prompt, new_tokens, file_type, directory):
   try:
     for threads in _thread_counts():
       try:
-        run = _llamacpp_child(path, prompt, new_tokens, threads, extra_bufts)
+        run = _llamacpp_child(path, prompt, new_tokens, threads, extra_bufts) if extra_bufts else None
       except _PeerCrashed as e:
-        if not extra_bufts:
-          raise RuntimeError(f"llama.cpp crashed on {path} even without extra buffer types: {e}") from None
         print(f"llama.cpp {file_type}: {e}; again with use_extra_bufts=False", flush=True)
-        extra_bufts = False
+        extra_bufts, run = False, None
+      if run is None:
         try:
-          run = _llamacpp_child(path, prompt, new_tokens, threads, extra_bufts)
-        except _PeerCrashed as again:
-          raise RuntimeError(f"llama.cpp crashed on {path} even without extra buffer types: {again}") from None
+          run = _llamacpp_child(path, prompt, new_tokens, threads, False)
+        except _PeerCrashed as e:
+          raise RuntimeError(f"llama.cpp crashed on {path} even without extra buffer types: {e}") from None
       rate = new_tokens / run["seconds"]
       if best is None or rate > best[0]:
         best = (rate, threads, run["tokens"], np.array(run["first"], np.float32), extra_bufts)
